@@ -1,0 +1,165 @@
+"""Find data files and read them into records that remember where they came from.
+
+Every record carries its file and line so that any later validation error can say
+`file:line: reason`. Supported: .txt, .json (array or one object per line), .jsonl, .csv,
+.parquet. Reading is strict: undecodable bytes and malformed JSON are `DataError`s.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunestack.errors import DataError
+
+TEXT_SUFFIXES = (".txt",)
+STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+KNOWN_SUFFIXES = TEXT_SUFFIXES + STRUCTURED_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw sample and its origin."""
+
+    data: dict[str, Any]
+    file: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def find_data_files(
+    paths: str | Path | Iterable[str | Path], suffixes: tuple[str, ...] = KNOWN_SUFFIXES, what: str = "data"
+) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of data files.
+
+    Raises DataError for a path that does not exist, or when nothing of a known type is found.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: list[Path] = []
+    for raw in paths:
+        for part in str(raw).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            path = Path(part).expanduser()
+            if not path.exists():
+                raise DataError(f"{what} path does not exist: {path}")
+            if path.is_file():
+                if path.suffix.lower() not in suffixes:
+                    raise DataError(
+                        f"{path}: unsupported file type '{path.suffix}' (expected one of {', '.join(suffixes)})"
+                    )
+                found.append(path)
+                continue
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in suffixes and not any(s.startswith(".") for s in p.parts[-1:])
+            )
+            if not files:
+                present = sorted({p.suffix or p.name for p in path.rglob("*") if p.is_file()})
+                detail = f" (found: {', '.join(present[:8])})" if present else " (the folder is empty)"
+                raise DataError(f"{path}: no {what} files of a known type {'/'.join(suffixes)}{detail}")
+            found.extend(files)
+    if not found:
+        raise DataError(f"no {what} files given")
+    return found
+
+
+def read_text(path: Path) -> str:
+    """Decode a file as UTF-8 (a BOM is dropped); undecodable bytes name the byte offset and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 at byte offset {exc.start} "
+            f"(byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8"
+        ) from None
+
+
+def _json_records(path: Path, text: str) -> Iterator[Record]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        yield from _json_array_records(path, text)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield Record(obj, str(path), lineno)
+
+
+def _json_array_records(path: Path, text: str) -> Iterator[Record]:
+    """Walk a top-level JSON array element by element so each record keeps its line number."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = len(text)
+    while True:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n:
+            raise DataError(f"{path}: malformed JSON (the array is not closed)")
+        if text[pos] == "]":
+            return
+        lineno = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield Record(obj, str(path), lineno)
+
+
+def iter_records(path: Path) -> Iterator[Record]:
+    """Structured records of one file. Line numbers are 1-based; CSV rows count the header as line 1."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        yield from _json_records(path, read_text(path))
+    elif suffix == ".csv":
+        reader = csv.DictReader(read_text(path).splitlines())
+        for i, row in enumerate(reader, start=2):
+            yield Record(dict(row), str(path), i)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises many types for a corrupt file
+            raise DataError(f"{path}: cannot read parquet ({exc})") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
+            yield Record(row, str(path), i)
+    else:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'")
+
+
+def iter_all_records(files: Iterable[Path]) -> Iterator[Record]:
+    for path in files:
+        yield from iter_records(path)
+
+
+def fingerprint_files(files: Iterable[Path]) -> str:
+    """Content hash of files (names and bytes), stable across machines and mtimes."""
+    h = hashlib.sha256()
+    for path in files:
+        h.update(str(path.name).encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
