@@ -1,0 +1,92 @@
+"""`tunestack <command> [recipe.yaml] [--flags]`: parse the command, dispatch, turn user errors into exit code 2."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+# Offline always: nothing is fetched from a hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# command -> (module:function taking argv and returning an exit code, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pt": ("tunestack.train.pt:main", "continued pretraining on raw domain text"),
+}
+
+USAGE = """usage: tunestack <command> [recipe.yaml] [--option value ...]
+
+tunestack runs the fine-tuning pipeline of a domain chat model, offline, on CPU or GPUs.
+Every training command takes the MedicalGPT-style flags (--model_name_or_path, --train_file_dir,
+--use_peft, --target_modules all, --lora_rank ...) and every transformers TrainingArguments flag;
+a YAML file given first supplies the same keys. `tunestack <command> --help` lists them all.
+
+commands:
+{commands}
+
+The default model is the embedded SmolLM2-135M-Instruct (alias smollm2-135m-instruct).
+Multi-process: torchrun --nproc_per_node N -m tunestack <command> ...
+"""
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())
+    return USAGE.format(commands=rows)
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="[tunestack] %(message)s" if rank == 0 else f"[tunestack rank {rank}] %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes logs a missing optional kernel package at import; its CPU path works without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_warning()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())  # noqa: T201
+        sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from tunestack import __version__
+
+        print(f"tunestack {__version__}")  # noqa: T201
+        sys.exit(0)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"tunestack: error: unknown command '{command}'{hint}; see tunestack --help", file=sys.stderr)
+        sys.exit(2)
+    _setup_logging()
+    from tunestack.errors import TunestackError
+
+    try:
+        code = _resolve(COMMANDS[command][0])(rest)
+    except TunestackError as exc:
+        print(f"tunestack {command}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"tunestack {command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,154 @@
+"""Turn a YAML recipe and/or command-line flags into the stage's dataclasses.
+
+Flags use the names of transformers.HfArgumentParser (so every TrainingArguments flag works);
+a YAML/JSON file given first supplies the same keys, and flags after it override them. Every
+problem is collected and reported at once as a ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from tunestack.errors import ConfigError
+
+# Old or alternative flag spellings found in tutorial scripts -> the name tunestack uses.
+FLAG_ALIASES = {
+    "dtype": "torch_dtype",
+    "neft_alpha": "neftune_noise_alpha",
+    "reward_model_name_or_path": "reward_model",
+    "reward_model_path": "reward_model",
+    "sft_model_path": "model_name_or_path",
+    "max_completion_length": "max_target_length",
+}
+
+
+def load_recipe_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def _field_types(dataclass_types: tuple[type, ...]) -> dict[str, Any]:
+    out = {}
+    for dc in dataclass_types:
+        hints = typing.get_type_hints(dc)
+        for f in dataclasses.fields(dc):
+            if f.init:
+                out[f.name] = hints.get(f.name, f.type)
+    return out
+
+
+def _is_str_type(tp: Any) -> bool:
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    return str in args and not any(typing.get_origin(a) is list for a in args)
+
+
+def mapping_to_argv(options: dict[str, Any], field_types: dict[str, Any]) -> list[str]:
+    """Recipe keys -> flags. Lists become a comma string for str options, repeated values otherwise."""
+    argv: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        flag = f"--{key}"
+        if isinstance(value, bool):
+            argv += [flag, str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            if _is_str_type(field_types.get(FLAG_ALIASES.get(key, key))):
+                argv += [flag, ",".join(str(v) for v in value)]
+            else:
+                argv += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _apply_aliases(argv: list[str], known: set[str]) -> list[str]:
+    out = []
+    for tok in argv:
+        if tok.startswith("--"):
+            name, eq, value = tok[2:].partition("=")
+            if name not in known and name in FLAG_ALIASES:
+                tok = f"--{FLAG_ALIASES[name]}{eq}{value}"
+        out.append(tok)
+    return out
+
+
+def _unknown_flag_problems(remaining: list[str], known: set[str]) -> list[str]:
+    problems = []
+    for tok in remaining:
+        if not tok.startswith("--"):
+            continue
+        name = tok[2:].split("=", 1)[0]
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        problems.append(f"unknown option --{name}{hint}")
+    stray = [t for t in remaining if not t.startswith("--")]
+    if stray and not problems:
+        problems.append(f"unexpected arguments: {' '.join(stray)}")
+    return problems
+
+
+def parse_into(dataclass_types: tuple[type, ...], argv: list[str], prog: str, description: str = "") -> list[Any]:
+    """Parse `[recipe.yaml] [--flag value ...]` into instances of `dataclass_types` (in order).
+
+    Raises ConfigError listing every unknown flag and every problem reported by the
+    dataclasses' `problems()` methods.
+    """
+    field_types = _field_types(dataclass_types)
+    known = set(field_types)
+    argv = list(argv)
+    prefix: list[str] = []
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
+        recipe = load_recipe_file(argv.pop(0))
+        unknown = [k for k in recipe if k not in known and k not in FLAG_ALIASES]
+        if unknown:
+            raise ConfigError(_unknown_flag_problems([f"--{k}" for k in unknown], known))
+        prefix = mapping_to_argv(recipe, field_types)
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    try:
+        *objs, remaining = parser.parse_args_into_dataclasses(
+            args=_apply_aliases(prefix + argv, known), return_remaining_strings=True
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    problems = _unknown_flag_problems(remaining, known)
+    for obj in objs:
+        check = getattr(obj, "problems", None)
+        if callable(check):
+            problems += check()
+    if problems:
+        raise ConfigError(problems)
+    return objs
+
+
+def print_help(dataclass_types: tuple[type, ...], prog: str, description: str) -> None:
+    HfArgumentParser(dataclass_types, prog=prog, description=description).print_help(sys.stdout)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclass -> plain dict for run.json (TrainingArguments has its own to_dict)."""
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return {k: v for k, v in dataclasses.asdict(obj).items()}

@@ -1,0 +1,48 @@
+"""Data options of the continued-pretraining stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PretrainDataArguments:
+    train_file_dir: str | None = field(
+        default=None, metadata={"help": "Folder(s) or file(s) of .txt/.json/.jsonl/.csv/.parquet text, comma separated."}
+    )
+    validation_file_dir: str | None = field(default=None, metadata={"help": "Held-out text for evaluation."})
+    validation_split_percentage: float = field(
+        default=1, metadata={"help": "Percent of training blocks held out when no validation files are given."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub datasets are not fetched; use local files."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Accepted for compatibility."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most N training blocks (-1: all)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most N evaluation blocks (-1: all)."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens per training block (default: min(1024, the model's context))."}
+    )
+    keep_linebreaks: bool = field(
+        default=True, metadata={"help": ".txt files: keep line breaks, whole file = one document, instead of one per line."}
+    )
+    keep_remainder: bool = field(
+        default=False, metadata={"help": "Keep the last partial block (padded, padding not trained) instead of dropping it."}
+    )
+    text_field: str = field(default="text", metadata={"help": "Field holding the text in json/jsonl/csv/parquet files."})
+    streaming: bool = field(default=False, metadata={"help": "Tokenize on the fly for corpora bigger than memory (needs --max_steps)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even when a cached copy exists."})
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.dataset_name:
+            out.append(
+                f"--dataset_name {self.dataset_name}: tunestack runs offline and does not fetch hub datasets; "
+                "download it once and pass the files with --train_file_dir"
+            )
+        if not self.train_file_dir:
+            out.append("--train_file_dir is required")
+        if self.block_size is not None and self.block_size < 2:
+            out.append(f"--block_size must be at least 2, got {self.block_size}")
+        if not 0 <= self.validation_split_percentage < 100:
+            out.append("--validation_split_percentage must be in [0, 100)")
+        return out

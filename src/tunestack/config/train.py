@@ -1,0 +1,67 @@
+"""transformers.TrainingArguments with tunestack defaults and the legacy flags tutorials still pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    # Defaults that differ from transformers: TensorBoard on, frequent logging, keep our columns.
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Integrations to report to (tensorboard by default; 'none' for none)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Drop dataset columns the model does not take (tunestack prepares its own)."}
+    )
+    include_num_input_tokens_seen: str | bool = field(
+        default="non_padding", metadata={"help": "Count trained tokens: all, non_padding or no."}
+    )
+    # Flags removed from transformers 5 that tutorial scripts still pass.
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output folder that already holds a run."}
+    )
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of --eval_strategy."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of all steps."})
+    group_by_length: bool = field(default=False, metadata={"help": "Batch samples of similar length together."})
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default: OUTPUT_DIR/runs)."})
+    save_safetensors: bool = field(default=True, metadata={"help": "Accepted; weights are always safetensors."})
+    no_cuda: bool = field(default=False, metadata={"help": "Old name of --use_cpu."})
+    # tunestack additions.
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without improvement of the eval loss."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None and not self.warmup_steps:
+            self.warmup_steps = self.warmup_ratio
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        if self.no_cuda:
+            self.use_cpu = True
+        import torch
+
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input hooks.
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if (self.bf16 or self.fp16) and not self.use_cpu:
+            if not torch.cuda.is_available():
+                # Mixed precision on a CPU-only machine: let torch autocast run on the CPU.
+                self.use_cpu = True
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False
+        if self.early_stopping_patience and self.eval_strategy in ("no", None):
+            self.eval_strategy = "steps"
+        if self.early_stopping_patience:
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
+        if self.logging_dir:
+            import os
+
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        super().__post_init__()

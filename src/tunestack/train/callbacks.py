@@ -1,0 +1,87 @@
+"""Callbacks every stage gets: metrics.jsonl, clean stop on SIGTERM, AdaLoRA budget updates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Append every log (train and eval) as one JSON line to OUTPUT_DIR/metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, "elapsed_s": round(time.time() - self.start, 2)}
+        row.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in logs.items()})
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGTERM/SIGINT: finish the current step, save a checkpoint, stop. A second signal aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint after this step, then stopping", self.signal_name)
+
+    def _agreed(self) -> bool:
+        """Any rank that was signalled stops every rank, so all of them save the same step."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        import torch
+
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed():
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA reallocates ranks after each optimizer step, before gradients are cleared."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)

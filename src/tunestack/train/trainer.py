@@ -1,0 +1,82 @@
+"""What tunestack adds to any transformers/TRL trainer: atomic checkpoints, a NaN guard, perplexity.
+
+`with_tunestack(TrainerClass)` returns a subclass, so TRL's trainers get the same behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.trainer_utils import rotate_checkpoints
+
+from tunestack.errors import TrainingDiverged
+from tunestack.train.checkpoint import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, verify_saved_model
+
+
+class TunestackTrainerMixin:
+    """Mixed in before a transformers.Trainer subclass."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        staging_root = run_dir / STAGING_DIR
+        staging = staging_root / f"checkpoint-{step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging_root.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        # The parent writes model, optimizer, scheduler, RNG and trainer state under staging_root.
+        self._get_output_dir = lambda trial=None: str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            verify_saved_model(staging, self.model, trained=step > 0)
+            if self.state.best_global_step:
+                best = run_dir / f"checkpoint-{self.state.best_global_step}"
+                if best.exists() or self.state.best_global_step == step:
+                    self.state.best_model_checkpoint = str(best)
+                    self.state.save_to_json(str(staging / "trainer_state.json"))
+            commit_checkpoint(staging, run_dir / f"checkpoint-{step}", step)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            last = latest_complete_checkpoint(self.args.output_dir)
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.state.global_step + 1}; training stopped before "
+                f"the optimizer step, so no weights changed. Last good checkpoint: {last or 'none'}. "
+                "Try a lower --learning_rate, --max_grad_norm 1.0, or bf16/fp32 instead of fp16"
+            )
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "eval_loss" in logs and "eval_perplexity" not in logs:
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+        super().log(logs, *args, **kwargs)
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+@cache
+def with_tunestack(trainer_class: type) -> type:
+    return type(f"Tunestack{trainer_class.__name__}", (TunestackTrainerMixin, trainer_class), {})
