@@ -36,3 +36,61 @@ def smollm2() -> Path:
     from tunestack.model.load import builtin_model_dir
 
     return builtin_model_dir("smollm2-135m-instruct")
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run `tunestack ARGV` in this process; returns the exit code."""
+    from tunestack.cli import main
+
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*argv) -> (exit code, stdout, stderr) of an in-process `tunestack` call."""
+
+    def call(*argv):
+        code = run_cli(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def pt_corpus(tmp_path_factory) -> Path:
+    """A small domain corpus: a few hundred lines of repeated medical sentences."""
+    import random
+
+    root = tmp_path_factory.mktemp("pt_corpus")
+    rng = random.Random(0)
+    facts = [
+        "The heart pumps blood through the arteries and veins of the body.",
+        "Aspirin reduces fever and pain; it also thins the blood.",
+        "A doctor listens to the lungs with a stethoscope.",
+        "Drink water, sleep well, and walk every day to stay healthy.",
+        "心脏通过动脉和静脉把血液输送到全身。",
+    ]
+    (root / "train").mkdir()
+    (root / "train" / "a.txt").write_text("\n".join(rng.choice(facts) for _ in range(300)) + "\n", encoding="utf-8")
+    (root / "train" / "b.jsonl").write_text(
+        "\n".join('{"text": "%s"}' % rng.choice(facts[:4]) for _ in range(100)) + "\n", encoding="utf-8"
+    )
+    return root / "train"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Tokenized-data caches go to a per-session folder; the converted SmolLM2 stays in the real cache."""
+    home = tmp_path_factory.getbasetemp() / "tunestack_home"
+    real = Path(os.environ.get("TUNESTACK_HOME") or Path.home() / ".cache" / "tunestack")
+    home.mkdir(exist_ok=True)
+    models = home / "models"
+    if not models.exists():
+        (real / "models").mkdir(parents=True, exist_ok=True)
+        models.symlink_to(real / "models")
+    monkeypatch.setenv("TUNESTACK_HOME", str(home))

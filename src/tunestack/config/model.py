@@ -27,32 +27,50 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Train from scratch with the model's config changed, e.g. num_hidden_layers=12,hidden_size=1024."},
+        metadata={
+            "help": "Train from scratch with the model's config changed, e.g. num_hidden_layers=12,hidden_size=1024."
+        },
     )
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, float16.", "choices": DTYPES},
+        metadata={
+            "help": "Weights dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, float16.",
+            "choices": DTYPES,
+        },
     )
     device_map: str | None = field(
-        default=None, metadata={"help": "accelerate device map for a single process (e.g. auto); ignored under torchrun."}
+        default=None,
+        metadata={"help": "accelerate device map for a single process (e.g. auto); ignored under torchrun."},
     )
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8-bit (bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4-bit NF4 (bitsandbytes)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4.", "choices": ("nf4", "fp4")})
-    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit quantization constants."})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit type: nf4 or fp4.", "choices": ("nf4", "fp4")}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit quantization constants."}
+    )
     bnb_4bit_compute_dtype: str = field(
-        default="auto", metadata={"help": "Compute dtype of 4-bit layers (auto: bfloat16 on GPU, float32 on CPU).", "choices": DTYPES}
+        default="auto",
+        metadata={"help": "Compute dtype of 4-bit layers (auto: bfloat16 on GPU, float32 on CPU).", "choices": DTYPES},
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run the model folder's own Python code (ChatGLM, InternLM2...). Off unless asked."}
+        default=False,
+        metadata={"help": "Run the model folder's own Python code (ChatGLM, InternLM2...). Off unless asked."},
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the library's choice)."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where processed datasets are cached."})
-    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use the fast (Rust) tokenizer when there is one."})
-    model_revision: str | None = field(default=None, metadata={"help": "Accepted for compatibility; models load offline."})
-    hf_hub_token: str | None = field(default=None, metadata={"help": "Accepted for compatibility; never sent anywhere."})
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Use the fast (Rust) tokenizer when there is one."}
+    )
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Accepted for compatibility; models load offline."}
+    )
+    hf_hub_token: str | None = field(
+        default=None, metadata={"help": "Accepted for compatibility; never sent anywhere."}
+    )
 
     def problems(self) -> list[str]:
         out = []

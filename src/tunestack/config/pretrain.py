@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 @dataclass
 class PretrainDataArguments:
     train_file_dir: str | None = field(
-        default=None, metadata={"help": "Folder(s) or file(s) of .txt/.json/.jsonl/.csv/.parquet text, comma separated."}
+        default=None,
+        metadata={"help": "Folder(s) or file(s) of .txt/.json/.jsonl/.csv/.parquet text, comma separated."},
     )
     validation_file_dir: str | None = field(default=None, metadata={"help": "Held-out text for evaluation."})
     validation_split_percentage: float = field(
@@ -22,13 +23,19 @@ class PretrainDataArguments:
         default=None, metadata={"help": "Tokens per training block (default: min(1024, the model's context))."}
     )
     keep_linebreaks: bool = field(
-        default=True, metadata={"help": ".txt files: keep line breaks, whole file = one document, instead of one per line."}
+        default=True,
+        metadata={"help": ".txt files: keep line breaks, whole file = one document, instead of one per line."},
     )
     keep_remainder: bool = field(
-        default=False, metadata={"help": "Keep the last partial block (padded, padding not trained) instead of dropping it."}
+        default=False,
+        metadata={"help": "Keep the last partial block (padded, padding not trained) instead of dropping it."},
     )
-    text_field: str = field(default="text", metadata={"help": "Field holding the text in json/jsonl/csv/parquet files."})
-    streaming: bool = field(default=False, metadata={"help": "Tokenize on the fly for corpora bigger than memory (needs --max_steps)."})
+    text_field: str = field(
+        default="text", metadata={"help": "Field holding the text in json/jsonl/csv/parquet files."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Tokenize on the fly for corpora bigger than memory (needs --max_steps)."}
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even when a cached copy exists."})
 

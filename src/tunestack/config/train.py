@@ -17,7 +17,7 @@ class TrainArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Drop dataset columns the model does not take (tunestack prepares its own)."}
     )
-    include_num_input_tokens_seen: str | bool = field(
+    include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count trained tokens: all, non_padding or no."}
     )
     # Flags removed from transformers 5 that tutorial scripts still pass.

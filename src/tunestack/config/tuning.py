@@ -20,27 +20,34 @@ class TuningArguments:
     use_peft: bool = field(default=True, metadata={"help": "Train an adapter (LoRA family) instead of all weights."})
     qlora: bool = field(default=False, metadata={"help": "QLoRA: LoRA over a 4-bit base (implies --load_in_4bit)."})
     target_modules: str = field(
-        default="all", metadata={"help": "Layers that get adapters: 'all' (every linear layer but the output head) or a comma list."}
+        default="all",
+        metadata={"help": "Layers that get adapters: 'all' (every linear layer but the output head) or a comma list."},
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     modules_to_save: str | None = field(
-        default=None, metadata={"help": "Comma list of modules trained in full beside the adapter, e.g. embed_tokens,lm_head."}
+        default=None,
+        metadata={"help": "Comma list of modules trained in full beside the adapter, e.g. embed_tokens,lm_head."},
     )
     peft_path: str | None = field(default=None, metadata={"help": "Continue training an existing adapter folder."})
-    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA); same as --tuning_method dora."})
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA (weight-decomposed LoRA); same as --tuning_method dora."}
+    )
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
     adalora_init_r: int = field(default=12, metadata={"help": "AdaLoRA: initial rank of every layer."})
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA: average rank after pruning."})
     adalora_tinit: float = field(default=0.1, metadata={"help": "AdaLoRA: fraction of steps before pruning starts."})
-    adalora_tfinal: float = field(default=0.2, metadata={"help": "AdaLoRA: fraction of final steps with a fixed budget."})
+    adalora_tfinal: float = field(
+        default=0.2, metadata={"help": "AdaLoRA: fraction of final steps with a fixed budget."}
+    )
     adalora_delta_t: int = field(default=1, metadata={"help": "AdaLoRA: steps between two budget allocations."})
     freeze_trainable_layers: int = field(
         default=2, metadata={"help": "freeze: train the last N transformer layers (negative: the first N)."}
     )
     freeze_trainable_modules: str | None = field(
-        default=None, metadata={"help": "freeze: comma list of name fragments to train instead of whole layers (e.g. mlp,lm_head)."}
+        default=None,
+        metadata={"help": "freeze: comma list of name fragments to train instead of whole layers (e.g. mlp,lm_head)."},
     )
 
     def resolved_method(self, load_in_4bit: bool = False, load_in_8bit: bool = False) -> str:

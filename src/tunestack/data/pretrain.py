@@ -154,8 +154,12 @@ def load_pretrain_corpus(
     data_args: Any, tokenizer: Any, block_size: int, cache_root: Path, do_eval: bool, seed: int
 ) -> PretrainCorpus:
     train_files = find_data_files(data_args.train_file_dir, what="training")
-    eval_files = find_data_files(data_args.validation_file_dir, what="validation") if data_args.validation_file_dir else []
-    options = f"{CACHE_VERSION}|{block_size}|{data_args.keep_linebreaks}|{data_args.keep_remainder}|{data_args.text_field}"
+    eval_files = (
+        find_data_files(data_args.validation_file_dir, what="validation") if data_args.validation_file_dir else []
+    )
+    options = (
+        f"{CACHE_VERSION}|{block_size}|{data_args.keep_linebreaks}|{data_args.keep_remainder}|{data_args.text_field}"
+    )
     tok_fp = tokenizer_fingerprint(tokenizer)
     stats: dict[str, Any] = {"train_files": len(train_files), "block_size": block_size}
 

@@ -53,7 +53,9 @@ def _freeze(model: nn.Module, layers: int, fragments: list[str] | None) -> None:
         chosen = {n for n in names if any(f in n for f in fragments)}
     else:
         if not indices:
-            raise ConfigError("freeze: found no numbered transformer layers; name modules with --freeze_trainable_modules")
+            raise ConfigError(
+                "freeze: found no numbered transformer layers; name modules with --freeze_trainable_modules"
+            )
         keep = set(indices[-layers:] if layers > 0 else indices[:-layers])
         chosen = {n for n in names if (m := _LAYER_INDEX.search(n)) and int(m.group(1)) in keep}
     if not chosen:
@@ -77,7 +79,11 @@ def _lora_targets(model: nn.Module, tuning: Any) -> list[str]:
 
 
 def apply_tuning(
-    model: nn.Module, tuning: Any, method: str, total_steps: int, gradient_checkpointing: bool = False,
+    model: nn.Module,
+    tuning: Any,
+    method: str,
+    total_steps: int,
+    gradient_checkpointing: bool = False,
     task_type: str = "CAUSAL_LM",
 ) -> nn.Module:
     """Return the model prepared for `method` with exactly the intended parameters trainable."""
@@ -141,3 +147,52 @@ def lora_b_all_zero(state: dict[str, torch.Tensor]) -> bool:
     """True when every LoRA B matrix (or AdaLoRA lora_B) is zero: an adapter that was never trained."""
     b = [t for k, t in state.items() if "lora_B" in k]
     return bool(b) and all(not torch.any(t != 0) for t in b)
+
+
+ADALORA_STATE = "adalora_state.safetensors"
+
+
+def save_adalora_state(model: nn.Module, folder: Path) -> None:
+    """Save what an AdaLoRA resume needs and PEFT's pruned adapter file drops.
+
+    PEFT saves AdaLoRA adapters cut down to their current rank pattern, but training continues
+    on the full-rank matrices and the rank allocator's sensitivity statistics; without these a
+    resume fails with size mismatches (or silently restarts the rank schedule).
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {f"param::{n}": p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+    allocator = model.base_model.rankallocator
+    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        for n, t in getattr(allocator, kind).items():
+            tensors[f"{kind}::{n}"] = t.detach().contiguous()
+    rank_pattern = model.peft_config[model.active_adapter].rank_pattern
+    save_file(tensors, str(folder / ADALORA_STATE), metadata={"rank_pattern": json.dumps(rank_pattern)})
+
+
+def load_adalora_state(model: nn.Module, folder: Path) -> bool:
+    """Restore full-rank AdaLoRA matrices, allocator statistics and rank pattern; False if none saved."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(folder) / ADALORA_STATE
+    if not path.exists():
+        return False
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    allocator = model.base_model.rankallocator  # its keys are relative to the wrapped model
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            kind, name = key.split("::", 1)
+            tensor = fh.get_tensor(key)
+            if kind == "param":
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+            else:
+                getattr(allocator, kind)[name] = tensor.to(device)
+        rank_pattern = json.loads(fh.metadata()["rank_pattern"])
+    model.peft_config[model.active_adapter].rank_pattern = rank_pattern
+    return True

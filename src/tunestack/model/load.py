@@ -170,7 +170,9 @@ def resolve_model(reference: str | None, _seen: tuple[str, ...] = ()) -> ModelRe
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ModelRef(reference, path, gguf_file=ggufs[0].name)
-        raise ModelError(f"{path}: no model weights (config.json + *.safetensors), adapter or .gguf file in this folder")
+        raise ModelError(
+            f"{path}: no model weights (config.json + *.safetensors), adapter or .gguf file in this folder"
+        )
     if os.sep in reference and (reference.startswith((".", "/", "~")) or reference.count("/") > 1):
         raise ModelError(f"model path does not exist: {reference}")
     cached = _hub_cache_dir(reference)
@@ -235,7 +237,9 @@ def quantization_config(args: Any):
     )
 
 
-def load_tokenizer(ref: ModelRef | None, tokenizer_path: str | None = None, trust_remote_code: bool = False, use_fast: bool = True):
+def load_tokenizer(
+    ref: ModelRef | None, tokenizer_path: str | None = None, trust_remote_code: bool = False, use_fast: bool = True
+):
     from transformers import AutoTokenizer
 
     if tokenizer_path:

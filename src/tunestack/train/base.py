@@ -174,7 +174,10 @@ class Stage:
         return ref, tokenizer, config
 
     def _build_model(self, ctx: StageContext, data: PreparedData) -> Any:
+        from transformers import set_seed
+
         args = ctx.args
+        set_seed(args.train.seed)  # adapter and from-scratch initialisation must repeat across runs
         if args.model.from_scratch:
             if args.method != "full":
                 logger.info("training from scratch: using full tuning (adapters need pretrained weights)")
@@ -216,7 +219,12 @@ class Stage:
         }
 
     def _train(
-        self, ctx: StageContext, model: Any, data: PreparedData, output: OutputFolder, resume_from: Path | None,
+        self,
+        ctx: StageContext,
+        model: Any,
+        data: PreparedData,
+        output: OutputFolder,
+        resume_from: Path | None,
         stop: GracefulStop,
     ) -> dict[str, Any]:
         from transformers import EarlyStoppingCallback

@@ -98,4 +98,3 @@ def _is_adalora_config(folder: Path) -> bool:
         return json.loads((folder / "adapter_config.json").read_text()).get("peft_type") == "ADALORA"
     except (OSError, json.JSONDecodeError):
         return False
-

@@ -12,7 +12,9 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", "eval_loss"), title: str = "") -> bool:
+def plot_curves(
+    metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", "eval_loss"), title: str = ""
+) -> bool:
     """Draw one line per key present in the metrics file; returns False when there is nothing to draw."""
     rows = read_metrics(metrics_path)
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from tunestack.config.pretrain import PretrainDataArguments
 from tunestack.data.collators import PadCollator
 from tunestack.data.pretrain import load_pretrain_corpus, resolve_block_size, stream_blocks
@@ -52,15 +51,27 @@ class PretrainStage(Stage):
 
             files = find_data_files(args.data.train_file_dir, what="training")
             train = datasets.IterableDataset.from_generator(
-                stream_blocks, gen_kwargs={"files": files, "tokenizer": ctx.tokenizer, "data_args": args.data,
-                                            "block_size": block_size}
+                stream_blocks,
+                gen_kwargs={
+                    "files": files,
+                    "tokenizer": ctx.tokenizer,
+                    "data_args": args.data,
+                    "block_size": block_size,
+                },
             )
             evaluation = None
             if args.data.validation_file_dir:
-                val_args = type(args.data)(**{**vars(args.data), "train_file_dir": args.data.validation_file_dir,
-                                              "validation_file_dir": None, "streaming": False})
-                evaluation = load_pretrain_corpus(val_args, ctx.tokenizer, block_size, cache_root(args), False,
-                                                  args.train.seed).train
+                val_args = type(args.data)(
+                    **{
+                        **vars(args.data),
+                        "train_file_dir": args.data.validation_file_dir,
+                        "validation_file_dir": None,
+                        "streaming": False,
+                    }
+                )
+                evaluation = load_pretrain_corpus(
+                    val_args, ctx.tokenizer, block_size, cache_root(args), False, args.train.seed
+                ).train
             return PreparedData(train, evaluation, collator, "streaming", {"block_size": block_size, "streaming": True})
         corpus = load_pretrain_corpus(
             args.data, ctx.tokenizer, block_size, cache_root(args), args.train.do_eval, args.train.seed
@@ -89,11 +100,11 @@ class PretrainStage(Stage):
         if "eval_perplexity" in m:
             before = m.get("before_eval_perplexity")
             arrow = f"{before:.2f} -> " if before is not None else ""
-            lines.append(f"eval perplexity: {arrow}{m['eval_perplexity']:.2f}  (next-token accuracy "
-                         f"{m.get('eval_accuracy', float('nan')):.3f})")
+            lines.append(
+                f"eval perplexity: {arrow}{m['eval_perplexity']:.2f}  (next-token accuracy "
+                f"{m.get('eval_accuracy', float('nan')):.3f})"
+            )
         return lines
-
-
 
 
 def main(argv: list[str]) -> int:

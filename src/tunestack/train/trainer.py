@@ -15,6 +15,7 @@ import torch
 from transformers.trainer_utils import rotate_checkpoints
 
 from tunestack.errors import TrainingDiverged
+from tunestack.model.adapters import is_adalora, load_adalora_state, save_adalora_state
 from tunestack.train.checkpoint import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, verify_saved_model
 
 
@@ -38,6 +39,8 @@ class TunestackTrainerMixin:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            if is_adalora(self.model):
+                save_adalora_state(self.accelerator.unwrap_model(self.model), staging)
             verify_saved_model(staging, self.model, trained=step > 0)
             if self.state.best_global_step:
                 best = run_dir / f"checkpoint-{self.state.best_global_step}"
@@ -52,6 +55,12 @@ class TunestackTrainerMixin:
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = model if model is not None else self.model
+        if is_adalora(target) and load_adalora_state(target, Path(resume_from_checkpoint)):
+            return  # full-rank matrices restored; the pruned adapter file would not fit them
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
