@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def pt_corpus(tmp_path_factory) -> Path:
     (root / "train").mkdir()
     (root / "train" / "a.txt").write_text("\n".join(rng.choice(facts) for _ in range(300)) + "\n", encoding="utf-8")
     (root / "train" / "b.jsonl").write_text(
-        "\n".join('{"text": "%s"}' % rng.choice(facts[:4]) for _ in range(100)) + "\n", encoding="utf-8"
+        "\n".join(json.dumps({"text": rng.choice(facts[:4])}) for _ in range(100)) + "\n", encoding="utf-8"
     )
     return root / "train"
 

@@ -44,7 +44,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    for step, path, complete in reversed(checkpoint_dirs(output_dir)):
+    for _step, path, complete in reversed(checkpoint_dirs(output_dir)):
         if complete:
             return path
         logger.warning("ignoring incomplete checkpoint %s (no %s)", path, MARKER)

@@ -28,7 +28,7 @@ def plot_curves(
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, points in series.items():
-        steps, values = zip(*points)
+        steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
     ax.set_xlabel("step")
     ax.set_title(title or ", ".join(series))
