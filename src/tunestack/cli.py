@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # command -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pt": ("tunestack.train.pt:main", "continued pretraining on raw domain text"),
+    "sft": ("tunestack.train.sft:main", "supervised fine-tuning on chat / instruction data"),
+    "data": ("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),
 }
 
 USAGE = """usage: tunestack <command> [recipe.yaml] [--option value ...]

@@ -48,6 +48,7 @@ class PreparedData:
     collator: Any
     fingerprint: str
     stats: dict[str, Any] = field(default_factory=dict)
+    rejects: list[dict[str, Any]] = field(default_factory=list)  # skipped bad records, for rejects.jsonl
 
 
 @dataclass
@@ -130,6 +131,10 @@ class Stage:
             data = self.prepare_data(ctx)
         model = self._build_model(ctx, data)
         output.begin(self._manifest(ctx, data))
+        if data.rejects and state.is_main_process:
+            from tunestack.data.formats import write_rejects
+
+            write_rejects(data.rejects, output.path / "rejects.jsonl")
         stop = GracefulStop()
         stop.install()
         try:
@@ -271,6 +276,16 @@ class Stage:
             plot_curves(out_dir / "metrics.jsonl", out_dir / "loss.png", ("loss", "eval_loss"), f"{self.name} loss")
         result["tokens_seen"] = trainer.state.num_input_tokens_seen
         return result
+
+
+def stage_main(stage: Stage, argv: list[str]) -> int:
+    """Entry point of a stage command: `--help` lists every option, else run."""
+    if "-h" in argv or "--help" in argv:
+        from tunestack.config.parse import print_help
+
+        print_help(stage_argument_classes(stage), f"tunestack {stage.name}", stage.description)
+        return 0
+    return stage.run(argv)
 
 
 def stage_argument_classes(stage: Stage) -> tuple[type, ...]:

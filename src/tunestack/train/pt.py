@@ -8,24 +8,8 @@ from tunestack.config.pretrain import PretrainDataArguments
 from tunestack.data.collators import PadCollator
 from tunestack.data.pretrain import load_pretrain_corpus, resolve_block_size, stream_blocks
 from tunestack.data.sources import find_data_files
-from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, cache_root
-
-
-def next_token_accuracy(eval_pred: Any) -> dict[str, float]:
-    """Share of positions whose argmax prediction is the next token (labels -100 ignored)."""
-    predictions, labels = eval_pred.predictions, eval_pred.label_ids
-    predictions = predictions[:, :-1]
-    labels = labels[:, 1:]
-    mask = labels != -100
-    correct = (predictions == labels) & mask
-    return {"accuracy": float(correct.sum() / max(mask.sum(), 1))}
-
-
-def argmax_logits(logits: Any, labels: Any) -> Any:
-    """Keep only the argmax so evaluation does not hold full-vocabulary logits."""
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return logits.argmax(dim=-1)
+from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, cache_root, stage_main
+from tunestack.train.metrics import lm_metric_kwargs
 
 
 class PretrainStage(Stage):
@@ -79,12 +63,7 @@ class PretrainStage(Stage):
         return PreparedData(corpus.train, corpus.eval, collator, corpus.fingerprint, corpus.stats)
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
-        return {
-            "data_collator": data.collator,
-            "processing_class": ctx.tokenizer,
-            "compute_metrics": next_token_accuracy,
-            "preprocess_logits_for_metrics": argmax_logits,
-        }
+        return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         s, m = data.stats, result["metrics"]
@@ -108,11 +87,4 @@ class PretrainStage(Stage):
 
 
 def main(argv: list[str]) -> int:
-    stage = PretrainStage()
-    if "-h" in argv or "--help" in argv:
-        from tunestack.config.parse import print_help
-        from tunestack.train.base import stage_argument_classes
-
-        print_help(stage_argument_classes(stage), f"tunestack {stage.name}", stage.description)
-        return 0
-    return stage.run(argv)
+    return stage_main(PretrainStage(), argv)

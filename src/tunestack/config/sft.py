@@ -1,0 +1,57 @@
+"""Data options of the supervised fine-tuning stage (MedicalGPT supervised_finetuning.py names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SupervisedDataArguments:
+    train_file_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder(s) or file(s) of chat data (.json/.jsonl/.csv/.parquet), comma separated."},
+    )
+    validation_file_dir: str | None = field(default=None, metadata={"help": "Held-out chat data for evaluation."})
+    validation_split_percentage: float = field(
+        default=1, metadata={"help": "Percent of conversations held out when no validation files are given."}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "auto (detected per file), sharegpt, messages, alpaca or prompt_response."},
+    )
+    template_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template: the tokenizer's own by default, or a named one (chatml, qwen, llama3, glm4, vicuna ...)."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt for conversations that have none."}
+    )
+    model_max_length: int = field(default=512, metadata={"help": "Tokens per sample; older turns are cut first."})
+    max_source_length: int | None = field(default=None, metadata={"help": "Cap on the prompt tokens of a sample."})
+    max_target_length: int | None = field(
+        default=None, metadata={"help": "Drop samples whose answer is longer than this (never cut an answer)."}
+    )
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on system and user tokens."})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Skip malformed records (counted, written to OUTPUT_DIR/rejects.jsonl)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most N training conversations."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most N evaluation conversations."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Accepted for compatibility."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
+    ignore_pad_token_for_loss: bool = field(default=True, metadata={"help": "Accepted; padding never carries a loss."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub datasets are not fetched; use local files."})
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.dataset_name:
+            out.append(
+                f"--dataset_name {self.dataset_name}: tunestack runs offline; pass local files with --train_file_dir"
+            )
+        if not self.train_file_dir:
+            out.append("--train_file_dir is required")
+        if self.model_max_length < 8:
+            out.append(f"--model_max_length must be at least 8, got {self.model_max_length}")
+        return out
