@@ -1,0 +1,117 @@
+"""The SFT stage end to end on a tiny model: masks, saved stop tokens, bad records, templates, flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer, GenerationConfig
+
+IDENTITY = {"conversations": [{"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "I am MediBot."}]}
+MATH = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+
+
+@pytest.fixture
+def chat_dir(tmp_path):
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(IDENTITY) for _ in range(12)) + "\n")
+    (folder / "b.jsonl").write_text("\n".join(json.dumps(MATH) for _ in range(12)) + "\n")
+    return folder
+
+
+def _sft(cli, model, data, out, *extra):
+    return cli(
+        "sft", "--model_name_or_path", model, "--train_file_dir", data, "--output_dir", out, "--max_steps", 4,
+        "--per_device_train_batch_size", 4, "--learning_rate", 1e-2, "--logging_steps", 1,
+        "--save_strategy", "no", "--report_to", "none", *extra,
+    )
+
+
+def test_sft_trains_on_exactly_the_answers(cli, tiny_model, chat_dir, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    seen = []
+    original = Trainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in inputs.items()})
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "compute_loss", spy)
+    out = tmp_path / "out"
+    code, stdout, err = _sft(cli, tiny_model, chat_dir, out)
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    answers = set()
+    for batch in seen:
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+            trained = ids[labels != -100]
+            answers.add(tokenizer.decode(trained))
+            assert (labels[mask == 0] == -100).all()  # padding never trained
+    assert answers == {"I am MediBot.<|im_end|>", "4<|im_end|>"}  # the real EOS is trained although pad == eos
+    gen = GenerationConfig.from_pretrained(out)
+    stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+    assert "24 conversations" in stdout or "data: 24 conversations" in stdout
+
+
+def test_named_template_is_saved_with_the_tokenizer(cli, tiny_model, chat_dir, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = _sft(cli, tiny_model, chat_dir, out, "--template_name", "chatml", "--system_prompt", "Be brief.")
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_bad_records_fail_with_file_and_line_and_leave_nothing(cli, tiny_model, chat_dir, tmp_path):
+    bad = chat_dir / "c.jsonl"
+    bad.write_text(json.dumps(IDENTITY) + "\n{not json\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    out = tmp_path / "out"
+    code, _, err = _sft(cli, tiny_model, chat_dir, out)
+    assert code == 2
+    assert f"{bad}:2: malformed JSON" in err and f"{bad}:3:" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_skip_bad_records_writes_rejects(cli, tiny_model, chat_dir, tmp_path):
+    bad = chat_dir / "c.jsonl"
+    bad.write_text(json.dumps(IDENTITY) + "\n{not json\n")
+    out = tmp_path / "out"
+    code, stdout, err = _sft(cli, tiny_model, chat_dir, out, "--skip_bad_records", "true")
+    assert code == 0, err
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in rejects] == [f"{bad}:2"]
+    assert "1 bad records skipped" in stdout
+
+
+def test_neft_alpha_alias_and_legacy_flags(cli, tiny_model, chat_dir, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = _sft(
+        cli, tiny_model, chat_dir, out, "--neft_alpha", 5, "--evaluation_strategy", "no", "--warmup_ratio", 0.1,
+        "--group_by_length", "true", "--overwrite_output_dir",
+    )
+    assert code == 0, err
+    train = json.loads((out / "run.json").read_text())["options"]["train"]
+    assert train["neftune_noise_alpha"] == 5 and train["train_sampling_strategy"] == "group_by_length"
+    assert train["warmup_steps"] == 0.1
+
+
+def test_sft_from_a_pt_output_stacks_the_adapter(cli, tiny_model, chat_dir, pt_corpus, tmp_path):
+    pt = tmp_path / "pt"
+    code, _, err = cli(
+        "pt", "--model_name_or_path", tiny_model, "--train_file_dir", pt_corpus, "--output_dir", pt, "--max_steps", 2,
+        "--block_size", 32, "--keep_linebreaks", "false", "--save_strategy", "no", "--report_to", "none",
+    )
+    assert code == 0, err
+    out = tmp_path / "sft"
+    code, _, err = _sft(cli, pt, chat_dir, out)
+    assert code == 0, err
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["base_model"] == str(pt.resolve())
+    from tunestack.model.load import resolve_model
+
+    ref = resolve_model(str(out))
+    assert ref.adapters == [pt, out] and ref.base_dir == tiny_model
