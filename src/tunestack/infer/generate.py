@@ -1,0 +1,404 @@
+"""Generation shared by `tunestack chat` and `tunestack infer`.
+
+`ChatModel.load` turns the model flags (a stage output folder, a merged folder, a base model or
+alias, or MedicalGPT's --base_model + --lora_model) into a model with its adapters merged in memory,
+its tokenizer, and the token ids that end an answer: the `eos_token_id` of the newest
+generation_config.json in the stack (a list or one id), the tokenizer's EOS, and the stop tokens of
+a named template. Prompts are rendered with the tokenizer's chat template (or --template_name),
+tokenized the way training tokenizes them, and generated in left-padded batches, optionally
+streamed token by token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunestack.config.model import DTYPES, ModelArguments
+from tunestack.errors import ConfigError, ModelError
+from tunestack.model.load import ModelRef, load_model, load_tokenizer
+from tunestack.model.merge import resolve_stack, training_system_prompt, untie_adapted_embeddings
+
+logger = logging.getLogger(__name__)
+
+Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass
+class ModelSelection:
+    """Which model to talk to (chat, infer)."""
+
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model: a tunestack stage output or merged folder, a HF folder, a .gguf file, or a built-in "
+            "alias (default: smollm2-135m-instruct)."
+        },
+    )
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Same as --model."})
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model for --lora_model (MedicalGPT style); same as --model otherwise."}
+    )
+    lora_model: str | None = field(
+        default=None, metadata={"help": "An adapter (or stage output) folder to stack on the base model."}
+    )
+    adapter: str | None = field(default=None, metadata={"help": "Same as --lora_model."})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder, when not the model's."})
+    template_name: str | None = field(
+        default=None,
+        metadata={"help": "A named chat template (vicuna, chatml, qwen, llama3 ...); default: the tokenizer's own."},
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.", "choices": DTYPES},
+    )
+    device_map: str | None = field(default=None, metadata={"help": "accelerate device map (default: auto on GPU)."})
+    only_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
+    cpu_only: bool = field(default=False, metadata={"help": "Same as --only_cpu."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit (bitsandbytes)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 (bitsandbytes)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model folder's own Python code."})
+    resize_emb: bool = field(
+        default=False, metadata={"help": "Accepted for compatibility: embeddings grow to the tokenizer automatically."}
+    )
+    model_type: str | None = field(default=None, metadata={"help": "Accepted for compatibility; ignored."})
+
+    def problems(self) -> list[str]:
+        out = []
+        names = [n for n in (self.model, self.model_name_or_path, self.base_model) if n]
+        if len(set(names)) > 1:
+            out.append("--model, --model_name_or_path and --base_model name the same thing; give one of them")
+        if self.lora_model and self.adapter and self.lora_model != self.adapter:
+            out.append("--adapter is a synonym of --lora_model; give only one of them")
+        if self.load_in_4bit and self.load_in_8bit:
+            out.append("--load_in_4bit and --load_in_8bit exclude each other")
+        return out
+
+    @property
+    def reference(self) -> str | None:
+        return self.model or self.model_name_or_path or self.base_model
+
+    def resolve(self) -> ModelRef:
+        return resolve_stack(self.reference, self.lora_model or self.adapter)
+
+
+@dataclass
+class GenerationArguments:
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System prompt of every conversation (default: the one the model was trained with, if any)."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer, in tokens."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the tokens of this much probability."})
+    top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0: all)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1.0: none)."})
+    do_sample: bool | None = field(
+        default=None,
+        metadata={"help": "Sample (true) or decode greedily (false); default: sample when temperature > 0."},
+    )
+    seed: int | None = field(default=None, metadata={"help": "Random seed, for repeatable sampling."})
+    stop_str: str | None = field(
+        default=None, metadata={"help": "Extra text that ends an answer (comma-separated for several); cut off."}
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append("--max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            out.append("--temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            out.append("--top_p must be in (0, 1]")
+        if self.top_k < 0:
+            out.append("--top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            out.append("--repetition_penalty must be > 0")
+        if self.do_sample and self.temperature == 0:
+            out.append("--do_sample true needs --temperature > 0")
+        return out
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0 if self.do_sample is None else bool(self.do_sample)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [s for s in (self.stop_str or "").split(",") if s.strip()]
+
+
+def stop_token_ids(ref: ModelRef, model: Any, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
+    """Ids that end an answer: the newest generation_config.json's eos_token_id(s), the tokenizer's EOS, `extra`."""
+    eos: Any = None
+    for folder in [*reversed(ref.adapters), ref.base_dir]:
+        path = folder / "generation_config.json"
+        if path.exists():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as exc:
+                raise ModelError(f"{path}: corrupt ({exc.msg})") from None
+            break
+    else:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids += [tokenizer.eos_token_id, *extra]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
+
+
+def _auto_bos_id(tokenizer: Any) -> int | None:
+    """The BOS id the tokenizer adds by itself (training adds it once, when the template has none)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if with_special and with_special[0] == bos and (not without or without[0] != bos):
+        return bos
+    return None
+
+
+def _named_template(name: str | None, tokenizer: Any) -> Any:
+    """The template object of tunestack.data.templates for a named template, or None for the tokenizer's own."""
+    try:
+        from tunestack.data import templates
+    except ImportError:  # named templates not available in this build: the tokenizer's template is used
+        if name:
+            logger.warning("named templates are not available; using the tokenizer's chat template")
+        return None
+    if name in templates.TOKENIZER_TEMPLATE_NAMES:
+        return None
+    return templates.get_template(name, tokenizer)
+
+
+class _CallbackStreamer:
+    """A transformers streamer that hands each finished piece of text to a callback."""
+
+    def __init__(self, tokenizer: Any, callback: Callable[[str], None]):
+        from transformers import TextStreamer
+
+        class _Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    callback(text)
+
+        self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+class ChatModel:
+    """A loaded model ready to answer: tokenizer, stop ids, prompt rendering, (streamed) generation."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        stop_ids: list[int],
+        template: Any = None,
+        name: str = "",
+        default_system: str | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.template = template
+        self.name = name
+        self.default_system = default_system  # the system prompt the model was trained with, if any
+        self.bos_id = _auto_bos_id(tokenizer)
+
+    @classmethod
+    def load(cls, selection: ModelSelection) -> ChatModel:
+        import torch
+
+        ref = selection.resolve()
+        tokenizer = load_tokenizer(ref, selection.tokenizer_path, selection.trust_remote_code)
+        template = _named_template(selection.template_name, tokenizer)
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"the tokenizer of {ref.reference} has no chat template (a base model?): pass --template_name, "
+                "or chat with an instruction-tuned model or a stage output folder"
+            )
+        on_gpu = torch.cuda.is_available() and not (selection.only_cpu or selection.cpu_only)
+        args = ModelArguments(
+            torch_dtype=selection.torch_dtype,
+            device_map=(selection.device_map or "auto") if on_gpu else None,
+            load_in_8bit=selection.load_in_8bit,
+            load_in_4bit=selection.load_in_4bit,
+            trust_remote_code=selection.trust_remote_code,
+        )
+        if not on_gpu and args.torch_dtype == "auto":
+            args.torch_dtype = "float32"
+        # The newest adapter is merged here rather than in load_model, untying embeddings it touches first.
+        model = load_model(ref, args, tokenizer=tokenizer, keep_last_adapter=True)
+        if hasattr(model, "peft_config") and not (args.load_in_4bit or args.load_in_8bit):
+            untie_adapted_embeddings(model)
+            model = model.merge_and_unload()
+        model.eval()
+        extra: list[int] = []
+        if template is not None:
+            from tunestack.data.templates import stop_token_ids as template_stop_ids
+
+            extra = template_stop_ids(template, tokenizer)
+        stops = stop_token_ids(ref, model, tokenizer, extra)
+        return cls(model, tokenizer, stops, template, ref.reference, training_system_prompt(ref))
+
+    def system_for(self, options: GenerationArguments) -> str | None:
+        """--system_prompt when given ('' for none), else the system prompt of training."""
+        return options.system_prompt if options.system_prompt is not None else self.default_system
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def render(self, messages: Messages, system: str | None = None) -> str:
+        """The prompt text for the next answer: `messages` alternate user/assistant and end with a user turn."""
+        if self.template is not None:
+            from tunestack.data.templates import render_prompt
+
+            return render_prompt(self.template, self.tokenizer, messages, system)
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        with_system = ([{"role": "system", "content": system}] if system else []) + turns
+        try:
+            return self.tokenizer.apply_chat_template(with_system, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja TemplateError: e.g. "System role not supported"
+            if not system:
+                raise ConfigError(f"the chat template of {self.name} fails: {exc}") from None
+            # Templates without a system role (Gemma, Mistral): the system text opens the first user turn.
+            turns[0] = {"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}
+            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids exactly as training tokenizes them: specials in the text map to their ids, and the
+        tokenizer's automatic BOS is added once, only when the text does not start with it."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    @property
+    def context_length(self) -> int | None:
+        config = (
+            self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        )
+        return getattr(config, "max_position_embeddings", None)
+
+    def prompt_ids(self, messages: Messages, system: str | None, max_new_tokens: int) -> tuple[list[int], int]:
+        """Ids of the prompt for `messages` within the context window, and how many old turns were dropped.
+
+        The oldest user/assistant pairs go first; a single question that is still too long keeps its end.
+        """
+        messages = list(messages)
+        limit = (self.context_length or 0) - max_new_tokens
+        dropped = 0
+        while True:
+            ids = self.encode(self.render(messages, system))
+            if limit <= 0 or len(ids) <= limit:
+                return ids, dropped
+            if len(messages) > 2:
+                messages = messages[2:]
+                dropped += 1
+                continue
+            logger.warning("the prompt has %d tokens, more than the %d that fit; keeping its end", len(ids), limit)
+            return ids[-limit:], dropped
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generation_config(self, options: GenerationArguments) -> Any:
+        config = copy.deepcopy(self.model.generation_config)
+        sampling = options.sampling
+        config.update(
+            max_new_tokens=options.max_new_tokens,
+            max_length=None,
+            min_new_tokens=None,
+            do_sample=sampling,
+            num_beams=1,
+            repetition_penalty=options.repetition_penalty,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
+            temperature=options.temperature if sampling else None,
+            top_p=options.top_p if sampling else None,
+            top_k=options.top_k if sampling else None,
+            stop_strings=options.stop_strings or None,
+        )
+        return config
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        options: GenerationArguments,
+        on_text: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Answers to a batch of prompt ids (left padded). `on_text` streams the answer of a single prompt."""
+        import torch
+
+        if options.seed is not None:
+            from transformers import set_seed
+
+            set_seed(options.seed)
+        config = self.generation_config(options)
+        width = max(len(p) for p in prompts)
+        pad = config.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        device = next(self.model.parameters()).device
+        streamer = None
+        if on_text is not None:
+            if len(prompts) != 1:
+                raise ValueError("streaming needs a single prompt")
+            streamer = _CallbackStreamer(self.tokenizer, on_text).streamer
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                streamer=streamer,
+                tokenizer=self.tokenizer,
+            )
+        return [self.decode(seq[width:].tolist(), options.stop_strings) for seq in out]
+
+    def decode(self, new_ids: list[int], stop_strings: Sequence[str] = ()) -> str:
+        """The answer text: the new tokens up to the first stop token (or stop string), without special tokens."""
+        stops = set(self.stop_ids)
+        end = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
+        text = self.tokenizer.decode(new_ids[:end], skip_special_tokens=True)
+        for stop in stop_strings:
+            text = text.split(stop, 1)[0]
+        return text.strip()
+
+    def answer(
+        self,
+        messages: Messages,
+        options: GenerationArguments,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """One answer to the conversation `messages` (ending with a user turn)."""
+        ids, _ = self.prompt_ids(messages, self.system_for(options), options.max_new_tokens)
+        return self.generate([ids], options, on_text)[0]
+
+
+def lstrip_stream(write: Callable[[str], None]) -> Callable[[str], None]:
+    """A streaming callback that drops the whitespace an answer starts with (the final answer is stripped too)."""
+    started = False
+
+    def callback(text: str) -> None:
+        nonlocal started
+        if not started:
+            text = text.lstrip()
+            started = bool(text)
+        if text:
+            write(text)
+
+    return callback
+
+
+def describe(chat_model: ChatModel) -> str:
+    """One line about the loaded model, for the chat banner and the infer summary."""
+    model = chat_model.model
+    device = next(model.parameters()).device
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    template = getattr(chat_model.template, "name", None) or "the tokenizer's chat template"
+    stops = ", ".join(f"{i} {chat_model.tokenizer.convert_ids_to_tokens(i)!r}" for i in chat_model.stop_ids)
+    line = f"{chat_model.name} ({type(model).__name__}, {dtype} on {device}; {template}; stops at {stops})"
+    if chat_model.default_system:
+        line += f"\nsystem prompt of its training: {chat_model.default_system!r} (--system_prompt replaces it)"
+    return line
