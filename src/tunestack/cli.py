@@ -16,6 +16,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 COMMANDS: dict[str, tuple[str, str]] = {
     "pt": ("tunestack.train.pt:main", "continued pretraining on raw domain text"),
     "sft": ("tunestack.train.sft:main", "supervised fine-tuning on chat / instruction data"),
+    "rl": ("tunestack.train.rl:main", "reinforcement learning: PPO, GRPO or RLOO against a reward model or functions"),
+    "merge": ("tunestack.model.merge:main", "merge an adapter into its base: a standalone model folder"),
+    "chat": ("tunestack.infer.chat:main", "chat with a model or stage output (interactive, or one --prompt)"),
+    "infer": ("tunestack.infer.batch:main", "batch generation from a jsonl/json/txt file of prompts"),
     "data": ("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),
 }
 

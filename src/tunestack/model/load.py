@@ -330,9 +330,12 @@ def stack_adapters(model: Any, adapters: list[Path], merge: bool) -> Any:
         return model
     from peft import PeftModel
 
+    from tunestack.model.merge import untie_adapted_embeddings
+
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
         if merge:
+            untie_adapted_embeddings(model)  # a merge into a shared embedding matrix would change both sides
             model = model.merge_and_unload()
     return model
 

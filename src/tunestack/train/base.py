@@ -88,6 +88,10 @@ class Stage:
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer}
 
+    def trainer_args(self, ctx: StageContext) -> Any:
+        """The TrainingArguments the trainer gets; TRL stages convert to their config class (see trl_config)."""
+        return ctx.args.train
+
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         """Write stage-specific files beside the weights (generation config, chat template ...)."""
 
@@ -245,7 +249,7 @@ class Stage:
             callbacks.append(AdaLoraBudget(model))
         trainer = with_tunestack(self.trainer_class())(
             model=model,
-            args=args.train,
+            args=self.trainer_args(ctx),
             train_dataset=data.train if args.train.do_train else None,
             eval_dataset=data.eval if args.train.do_eval else None,
             callbacks=callbacks,
@@ -303,6 +307,24 @@ def planned_steps(train: TrainArguments, dataset: Any) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batches = math.ceil(n / (train.per_device_train_batch_size * world))
     return max(1, math.ceil(batches / train.gradient_accumulation_steps) * math.ceil(train.num_train_epochs))
+
+
+def trl_config(config_class: type, train: TrainArguments, **extra: Any) -> Any:
+    """A TRL config (DPOConfig, GRPOConfig ...) carrying every TrainingArguments value the user set.
+
+    TRL configs subclass TrainingArguments, so every flag keeps its meaning; tunestack-only fields
+    (legacy aliases) were already folded into the standard ones by TrainArguments.__post_init__.
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(config_class) if f.init}
+    values = {
+        f.name: getattr(train, f.name) for f in dataclasses.fields(TrainingArguments) if f.init and f.name in names
+    }
+    values.update(extra)
+    return config_class(**values)
 
 
 def cache_root(args: StageArgs) -> Path:

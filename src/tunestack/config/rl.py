@@ -1,0 +1,85 @@
+"""Options of the RL stage (MedicalGPT ppo_training.py names, plus GRPO/RLOO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALGOS = ("ppo", "grpo", "rloo")
+
+
+@dataclass
+class RLArguments:
+    algo: str = field(default="ppo", metadata={"help": "ppo (tunestack's own), grpo or rloo (TRL).", "choices": ALGOS})
+    reward_model: str | None = field(
+        default=None, metadata={"help": "A tunestack RM output folder (also --reward_model_name_or_path)."}
+    )
+    reward_funcs: str | None = field(
+        default=None,
+        metadata={"help": "Python reward functions, comma separated module:function (or file.py:function)."},
+    )
+    train_file_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts: SFT-format files (their prompt side is used) or prompt/question records, .txt lines."
+        },
+    )
+    validation_file_dir: str | None = field(
+        default=None, metadata={"help": "Held-out prompts for the before/after eval."}
+    )
+    validation_split_percentage: float = field(
+        default=10, metadata={"help": "Percent of prompts held out when no validation files."}
+    )
+    data_format: str = field(default="auto", metadata={"help": "Format of SFT-style prompt files."})
+    template_name: str | None = field(default=None, metadata={"help": "Chat template (default: the tokenizer's own)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt for prompts without one."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts rolled out per step and process."})
+    mini_batch_size: int = field(default=2, metadata={"help": "PPO minibatch size."})
+    ppo_epochs: int = field(default=4, metadata={"help": "PPO epochs over each rollout batch."})
+    max_source_length: int = field(default=256, metadata={"help": "Prompt tokens kept (the end of the prompt)."})
+    max_target_length: int = field(
+        default=64, metadata={"help": "Response tokens generated (also --max_completion_length)."}
+    )
+    min_target_length: int = field(
+        default=0, metadata={"help": "Accepted for compatibility; forcing a minimum length biases the KL."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
+    adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adapt the KL coefficient toward --target_kl."})
+    target_kl: float = field(
+        default=0.1, metadata={"help": "Target KL for the adaptive controller and early stopping."}
+    )
+    reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every reward."})
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip rewards to ±this."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards."})
+    missing_eos_penalty: float | None = field(
+        default=1.0, metadata={"help": "Subtracted from the reward of a response that never emits the stop token."}
+    )
+    early_stopping: bool = field(
+        default=False, metadata={"help": "End a PPO epoch early when KL runs past 1.5x --target_kl."}
+    )
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    num_generations: int = field(default=4, metadata={"help": "GRPO/RLOO: completions per prompt."})
+    sample_every: int = field(
+        default=5, metadata={"help": "Write a few (prompt, response, reward) rows to samples.jsonl every N steps."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most N training prompts."})
+    max_eval_samples: int | None = field(default=16, metadata={"help": "Held-out prompts for the before/after eval."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub datasets are not fetched; use local files."})
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.train_file_dir:
+            out.append("--train_file_dir is required")
+        if not self.reward_model and not self.reward_funcs:
+            out.append("RL needs a reward: --reward_model DIR and/or --reward_funcs module:function")
+        if self.batch_size % self.mini_batch_size:
+            out.append("--batch_size must be a multiple of --mini_batch_size")
+        if self.dataset_name:
+            out.append(
+                f"--dataset_name {self.dataset_name}: tunestack runs offline; pass local files with --train_file_dir"
+            )
+        return out

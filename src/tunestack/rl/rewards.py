@@ -1,0 +1,80 @@
+"""Reward functions for RL: a tunestack reward model, or Python functions given as `module:function`.
+
+Every reward function has TRL's signature: f(prompts: list[str], completions: list[str], **kw) -> list[float].
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunestack.errors import ConfigError
+
+RewardFn = Callable[..., list[float]]
+
+
+def import_reward_function(spec: str) -> RewardFn:
+    """`package.module:function` (or `path/to/file.py:function`) -> the callable."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ConfigError(f"--reward_funcs {spec}: expected module:function, e.g. mypkg.rewards:length_penalty")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            spec_obj = importlib.util.spec_from_file_location(path.stem, path)
+            if spec_obj is None or spec_obj.loader is None:
+                raise ImportError(module_name)
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules[path.stem] = module
+            spec_obj.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, FileNotFoundError) as exc:
+        raise ConfigError(f"--reward_funcs {spec}: cannot import {module_name} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"--reward_funcs {spec}: {module_name} has no function {attr}")
+    return fn
+
+
+class RewardModelFunction:
+    """A trained tunestack reward model as a reward function over (prompt text, completion text)."""
+
+    def __init__(self, reference: str, batch_size: int = 8, device: Any = None):
+        from tunestack.model.reward import load_reward_model
+
+        self.model, self.tokenizer, _ = load_reward_model(reference)
+        if device is not None:
+            self.model.to(device)
+        self.model.eval()
+        self.batch_size = batch_size
+        self.__name__ = f"reward_model:{Path(reference).name}"
+
+    def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        from tunestack.model.reward import score_texts
+
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        return score_texts(self.model, self.tokenizer, texts, batch_size=self.batch_size)
+
+
+def build_reward_functions(reward_model: str | None, reward_funcs: str | None) -> list[RewardFn]:
+    functions: list[RewardFn] = []
+    if reward_model:
+        functions.append(RewardModelFunction(reward_model))
+    for spec in (reward_funcs or "").split(","):
+        if spec.strip():
+            functions.append(import_reward_function(spec.strip()))
+    if not functions:
+        raise ConfigError("RL needs a reward: --reward_model DIR and/or --reward_funcs module:function")
+    return functions
+
+
+def total_reward(functions: list[RewardFn], prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+    totals = [0.0] * len(prompts)
+    for fn in functions:
+        for i, value in enumerate(fn(prompts=prompts, completions=completions, **kwargs)):
+            totals[i] += float(value)
+    return totals
