@@ -36,7 +36,13 @@ class PretrainDataArguments:
     streaming: bool = field(
         default=False, metadata={"help": "Tokenize on the fly for corpora bigger than memory (needs --max_steps)."}
     )
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Accepted for compatibility: the fast tokenizer already encodes each batch of documents on "
+            "all cores (RAYON_NUM_THREADS limits it)."
+        },
+    )
     overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even when a cached copy exists."})
 
     def problems(self) -> list[str]:

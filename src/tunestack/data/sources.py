@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -93,7 +94,9 @@ def _json_records(path: Path, text: str) -> Iterator[Record]:
     if stripped.startswith("["):
         yield from _json_array_records(path, text)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028, U+0085, form feed ..., which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings. A trailing "\r" is JSON whitespace.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -133,9 +136,14 @@ def iter_records(path: Path) -> Iterator[Record]:
     if suffix in (".json", ".jsonl"):
         yield from _json_records(path, read_text(path))
     elif suffix == ".csv":
-        reader = csv.DictReader(read_text(path).splitlines())
-        for i, row in enumerate(reader, start=2):
-            yield Record(dict(row), str(path), i)
+        # newline="" lets quoted fields keep their line breaks; a record's line is where its row starts.
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        if reader.fieldnames is None:
+            return
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            yield Record(dict(row), str(path), start)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
