@@ -196,10 +196,6 @@ def test_missing_model_path(cli: Cli, good_txt: Path, tmp_path: Path) -> None:
     assert _user_error(code, err, tmp_path / "out").startswith(f"model path does not exist: {missing}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model/load.py resolve_model: the 'model path does not exist' message has no offline download hint",
-)
 def test_missing_model_path_says_how_to_get_a_model(cli: Cli, good_txt: Path, tmp_path: Path) -> None:
     code, _, err = _pt(cli, tmp_path / "models" / "qwen-0.5b", good_txt, tmp_path / "out")
     msg = _user_error(code, err, tmp_path / "out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 IDENTITY = {"conversations": [{"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "I am MediBot."}]}
@@ -22,38 +23,73 @@ def chat_dir(tmp_path):
 
 def _sft(cli, model, data, out, *extra):
     return cli(
-        "sft", "--model_name_or_path", model, "--train_file_dir", data, "--output_dir", out, "--max_steps", 4,
-        "--per_device_train_batch_size", 4, "--learning_rate", 1e-2, "--logging_steps", 1,
-        "--save_strategy", "no", "--report_to", "none", *extra,
+        "sft",
+        "--model_name_or_path",
+        model,
+        "--train_file_dir",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        4,
+        "--per_device_train_batch_size",
+        4,
+        "--learning_rate",
+        1e-2,
+        "--logging_steps",
+        1,
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        *extra,
     )
 
 
-def test_sft_trains_on_exactly_the_answers(cli, tiny_model, chat_dir, tmp_path, monkeypatch):
-    from transformers import Trainer
+def _trained_runs(ids, labels):
+    """Maximal runs of consecutive trained positions, as token-id lists."""
+    runs, current = [], []
+    for token, label in zip(ids.tolist(), labels.tolist(), strict=True):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_sft_trains_on_exactly_the_answers(cli, tiny_model, chat_dir, tmp_path, monkeypatch, layout):
+    from tunestack.train.efficient import TrainedPositionsLossMixin
 
     seen = []
-    original = Trainer.compute_loss
+    original = TrainedPositionsLossMixin.compute_loss
 
     def spy(self, model, inputs, *args, **kwargs):
         seen.append({k: v.clone() for k, v in inputs.items()})
         return original(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "compute_loss", spy)
+    monkeypatch.setattr(TrainedPositionsLossMixin, "compute_loss", spy)
     out = tmp_path / "out"
-    code, stdout, err = _sft(cli, tiny_model, chat_dir, out)
+    flags = ["--padding_free", "false"] if layout == "padded" else []
+    code, stdout, err = _sft(cli, tiny_model, chat_dir, out, *flags)
     assert code == 0, err
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     answers = set()
     for batch in seen:
-        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
-            trained = ids[labels != -100]
-            answers.add(tokenizer.decode(trained))
+        assert ("attention_mask" in batch) == (layout == "padded")
+        masks = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], masks, strict=True):
+            answers.update(tokenizer.decode(run) for run in _trained_runs(ids, labels))
             assert (labels[mask == 0] == -100).all()  # padding never trained
-    assert answers == {"I am MediBot.<|im_end|>", "4<|im_end|>"}  # the real EOS is trained although pad == eos
+    # The real EOS is trained although pad == eos.
+    assert answers == {"I am MediBot.<|im_end|>", "4<|im_end|>"}
     gen = GenerationConfig.from_pretrained(out)
     stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
-    assert "24 conversations" in stdout or "data: 24 conversations" in stdout
+    assert "data: 24 conversations" in stdout
 
 
 def test_named_template_is_saved_with_the_tokenizer(cli, tiny_model, chat_dir, tmp_path):
@@ -61,13 +97,17 @@ def test_named_template_is_saved_with_the_tokenizer(cli, tiny_model, chat_dir, t
     code, _, err = _sft(cli, tiny_model, chat_dir, out, "--template_name", "chatml", "--system_prompt", "Be brief.")
     assert code == 0, err
     tokenizer = AutoTokenizer.from_pretrained(out)
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered.endswith("<|im_start|>assistant\n")
 
 
 def test_bad_records_fail_with_file_and_line_and_leave_nothing(cli, tiny_model, chat_dir, tmp_path):
     bad = chat_dir / "c.jsonl"
-    bad.write_text(json.dumps(IDENTITY) + "\n{not json\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    bad.write_text(
+        json.dumps(IDENTITY) + "\n{not json\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n"
+    )
     out = tmp_path / "out"
     code, _, err = _sft(cli, tiny_model, chat_dir, out)
     assert code == 2
@@ -90,8 +130,19 @@ def test_skip_bad_records_writes_rejects(cli, tiny_model, chat_dir, tmp_path):
 def test_neft_alpha_alias_and_legacy_flags(cli, tiny_model, chat_dir, tmp_path):
     out = tmp_path / "out"
     code, _, err = _sft(
-        cli, tiny_model, chat_dir, out, "--neft_alpha", 5, "--evaluation_strategy", "no", "--warmup_ratio", 0.1,
-        "--group_by_length", "true", "--overwrite_output_dir",
+        cli,
+        tiny_model,
+        chat_dir,
+        out,
+        "--neft_alpha",
+        5,
+        "--evaluation_strategy",
+        "no",
+        "--warmup_ratio",
+        0.1,
+        "--group_by_length",
+        "true",
+        "--overwrite_output_dir",
     )
     assert code == 0, err
     train = json.loads((out / "run.json").read_text())["options"]["train"]
@@ -102,8 +153,23 @@ def test_neft_alpha_alias_and_legacy_flags(cli, tiny_model, chat_dir, tmp_path):
 def test_sft_from_a_pt_output_stacks_the_adapter(cli, tiny_model, chat_dir, pt_corpus, tmp_path):
     pt = tmp_path / "pt"
     code, _, err = cli(
-        "pt", "--model_name_or_path", tiny_model, "--train_file_dir", pt_corpus, "--output_dir", pt, "--max_steps", 2,
-        "--block_size", 32, "--keep_linebreaks", "false", "--save_strategy", "no", "--report_to", "none",
+        "pt",
+        "--model_name_or_path",
+        tiny_model,
+        "--train_file_dir",
+        pt_corpus,
+        "--output_dir",
+        pt,
+        "--max_steps",
+        2,
+        "--block_size",
+        32,
+        "--keep_linebreaks",
+        "false",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
     )
     assert code == 0, err
     out = tmp_path / "sft"

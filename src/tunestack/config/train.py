@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -31,6 +32,17 @@ class TrainArguments(TrainingArguments):
     save_safetensors: bool = field(default=True, metadata={"help": "Accepted; weights are always safetensors."})
     no_cuda: bool = field(default=False, metadata={"help": "Old name of --use_cpu."})
     # tunestack additions.
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "SFT: concatenate each batch into one row (no padding; attention stays per sample)."},
+    )
+    sparse_lm_head: bool = field(
+        default=True, metadata={"help": "Run the output layer and loss only on trained positions, in chunks."}
+    )
+    document_attention: bool = field(
+        default=False,
+        metadata={"help": "PT: restart positions at every document so packed documents do not attend to each other."},
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after N evaluations without improvement of the eval loss."}
     )
@@ -55,13 +67,14 @@ class TrainArguments(TrainingArguments):
                 self.use_cpu = True
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # torchrun on a CPU-only machine: without this accelerate sets up a single process per rank.
+                self.use_cpu = True
         if self.early_stopping_patience and self.eval_strategy in ("no", None):
             self.eval_strategy = "steps"
         if self.early_stopping_patience:
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
         if self.logging_dir:
-            import os
-
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
         super().__post_init__()

@@ -165,7 +165,8 @@ def _iter_file(path: Path) -> Iterator[Record | _BadLine]:
     if text.lstrip().startswith("["):  # a JSON array cannot be resumed after a syntax error
         yield from iter_records(path)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on newlines only: str.splitlines() also breaks at U+2028/U+0085 inside JSON strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

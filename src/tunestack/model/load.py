@@ -174,7 +174,10 @@ def resolve_model(reference: str | None, _seen: tuple[str, ...] = ()) -> ModelRe
             f"{path}: no model weights (config.json + *.safetensors), adapter or .gguf file in this folder"
         )
     if os.sep in reference and (reference.startswith((".", "/", "~")) or reference.count("/") > 1):
-        raise ModelError(f"model path does not exist: {reference}")
+        raise ModelError(
+            f"model path does not exist: {reference}. tunestack runs offline: pass a local folder, a .gguf file "
+            f"or the built-in {DEFAULT_MODEL}; download other models once (e.g. `hf download ORG/NAME --local-dir DIR`)"
+        )
     cached = _hub_cache_dir(reference)
     if cached is None:
         raise _not_found(reference)

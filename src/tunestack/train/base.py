@@ -88,6 +88,10 @@ class Stage:
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer}
 
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        """Extra trainer behaviour for this run (e.g. the trained-positions loss of LM stages)."""
+        return ()
+
     def trainer_args(self, ctx: StageContext) -> Any:
         """The TrainingArguments the trainer gets; TRL stages convert to their config class (see trl_config)."""
         return ctx.args.train
@@ -247,7 +251,7 @@ class Stage:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.train.early_stopping_patience))
         if is_adalora(model):
             callbacks.append(AdaLoraBudget(model))
-        trainer = with_tunestack(self.trainer_class())(
+        trainer = with_tunestack(self.trainer_class(), self.trainer_mixins(ctx, model))(
             model=model,
             args=self.trainer_args(ctx),
             train_dataset=data.train if args.train.do_train else None,
@@ -268,6 +272,9 @@ class Stage:
         if stop.requested:
             return result
         if args.train.do_train:
+            config = getattr(trainer.accelerator.unwrap_model(trainer.model), "config", None)
+            if config is not None:
+                config.use_cache = True  # off for training; saved models should generate with a cache
             trainer.save_model(str(out_dir))
             if trainer.is_world_process_zero():
                 ctx.tokenizer.save_pretrained(out_dir)
@@ -275,7 +282,13 @@ class Stage:
                 (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has the options
                 verify_saved_model(out_dir, trainer.model, trained=trainer.state.global_step > 0)
         if run_eval:
-            metrics.update(trainer.evaluate())
+            history = trainer.state.log_history
+            done = [h for h in history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+            if done and not args.train.load_best_model_at_end:
+                # The Trainer already evaluated this model at the last step (eval_strategy steps/epoch).
+                metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")})
+            else:
+                metrics.update(trainer.evaluate())
         if trainer.is_world_process_zero():
             plot_curves(out_dir / "metrics.jsonl", out_dir / "loss.png", ("loss", "eval_loss"), f"{self.name} loss")
         result["tokens_seen"] = trainer.state.num_input_tokens_seen

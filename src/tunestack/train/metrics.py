@@ -24,3 +24,12 @@ def argmax_logits(logits: Any, labels: Any) -> Any:
 
 def lm_metric_kwargs() -> dict[str, Any]:
     return {"compute_metrics": next_token_accuracy, "preprocess_logits_for_metrics": argmax_logits}
+
+
+def lm_trainer_mixins(train_args: Any, model: Any) -> tuple[type, ...]:
+    """The trained-positions loss for language-modelling stages, where the model allows it."""
+    from tunestack.train.efficient import TrainedPositionsLossMixin, supports_trained_positions
+
+    if train_args.sparse_lm_head and supports_trained_positions(model):
+        return (TrainedPositionsLossMixin,)
+    return ()

@@ -9,7 +9,8 @@ from tunestack.data.collators import PadCollator
 from tunestack.data.pretrain import load_pretrain_corpus, resolve_block_size, stream_blocks
 from tunestack.data.sources import find_data_files
 from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, cache_root, stage_main
-from tunestack.train.metrics import lm_metric_kwargs
+from tunestack.train.efficient import DocumentCollator
+from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins
 
 
 class PretrainStage(Stage):
@@ -29,7 +30,11 @@ class PretrainStage(Stage):
         args = ctx.args
         context = getattr(ctx.model_config, "max_position_embeddings", None)
         block_size = resolve_block_size(args.data.block_size, context)
-        collator = PadCollator(ctx.tokenizer.pad_token_id)
+        tok = ctx.tokenizer
+        if args.train.document_attention and tok.eos_token_id is not None:
+            collator = DocumentCollator(tok.pad_token_id, tok.eos_token_id)
+        else:
+            collator = PadCollator(tok.pad_token_id)
         if args.data.streaming:
             import datasets
 
@@ -64,6 +69,9 @@ class PretrainStage(Stage):
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
+
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        return lm_trainer_mixins(ctx.args.train, model)
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         s, m = data.stats, result["metrics"]

@@ -13,7 +13,8 @@ from tunestack.data.sources import find_data_files, fingerprint_files
 from tunestack.data.supervised import build_sft_dataset, collator_for
 from tunestack.data.templates import TokenizerTemplate, get_template, jinja_chat_template, stop_token_ids
 from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, stage_main
-from tunestack.train.metrics import lm_metric_kwargs
+from tunestack.train.efficient import PackedCollator
+from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins
 
 
 def load_chat_split(paths: str, data_args: Any) -> Any:
@@ -100,10 +101,14 @@ class SupervisedStage(Stage):
         stats["skip_reasons"] = dict(train_loaded.reason_counts)
         key = f"{fingerprint_files(train_files + eval_files)}|{d}|{jinja_chat_template(template)}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return PreparedData(train, evaluation, collator_for(ctx.tokenizer), fingerprint, stats, rejects)
+        collator = PackedCollator() if ctx.args.train.padding_free else collator_for(ctx.tokenizer)
+        return PreparedData(train, evaluation, collator, fingerprint, stats, rejects)
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
+
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        return lm_trainer_mixins(ctx.args.train, model)
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         save_chat_files(ctx, self._template(ctx), output_dir)

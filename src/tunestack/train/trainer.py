@@ -73,6 +73,20 @@ class TunestackTrainerMixin:
             )
         return loss
 
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # Runs after backward and clipping, before the optimizer step: the last moment to keep
+        # non-finite gradients (possible with a finite loss) out of the weights.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        value = grad_norm.item() if hasattr(grad_norm, "item") else grad_norm
+        if value is not None and not math.isfinite(value):
+            last = latest_complete_checkpoint(self.args.output_dir)
+            raise TrainingDiverged(
+                f"the gradients became {value} at step {self.state.global_step + 1} (loss was finite); training "
+                f"stopped before the optimizer step, so no weights changed. Last good checkpoint: {last or 'none'}. "
+                "Try a lower --learning_rate or bf16/fp32 instead of fp16"
+            )
+        return grad_norm
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "eval_loss" in logs and "eval_perplexity" not in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
@@ -87,5 +101,5 @@ def perplexity(loss: float) -> float:
 
 
 @cache
-def with_tunestack(trainer_class: type) -> type:
-    return type(f"Tunestack{trainer_class.__name__}", (TunestackTrainerMixin, trainer_class), {})
+def with_tunestack(trainer_class: type, mixins: tuple[type, ...] = ()) -> type:
+    return type(f"Tunestack{trainer_class.__name__}", (TunestackTrainerMixin, *mixins, trainer_class), {})

@@ -1,0 +1,146 @@
+"""Direct preference optimization and its reference-free relatives, through TRL.
+
+--loss_type sigmoid (DPO, default), ipo, hinge, robust ... -> trl.DPOTrainer; orpo -> ORPOTrainer; simpo ->
+CPOTrainer(loss_type="simpo") (both in trl.experimental). Under an adapter the reference is the same model
+with the adapter switched off (no second copy in memory); with full tuning it is --ref_model or a frozen copy
+of the start model. TRL logs rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins, which
+land in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunestack.config.preference import DPO_LOSSES, REFERENCE_FREE_LOSSES
+from tunestack.train.base import PreparedData, StageArgs, StageContext, stage_main, trl_config
+from tunestack.train.preference import (
+    ADAPTER_METHODS,
+    PreferenceStage,
+    drop_fresh_reference_adapter,
+    pretokenized,
+    reference_model,
+)
+
+SIMPO_DEFAULT_BETA = 2.0
+DPO_DEFAULT_BETA = 0.1
+
+
+def _dpo_trainer_class() -> type:
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer on our encoded pairs (prompt_ids, chosen_ids, rejected_ids): TRL tokenizes nothing again."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            drop_fresh_reference_adapter(self.model)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if pretokenized(dataset, "prompt_ids", "chosen_ids", "rejected_ids"):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+def pair_features(feature: dict[str, Any]) -> dict[str, list[int]]:
+    """The columns TRL's ORPO/CPO trainers build in tokenize_row, from our encoded pair."""
+    prompt, out = feature["prompt_ids"], {}
+    out["prompt_input_ids"], out["prompt_attention_mask"] = list(prompt), [1] * len(prompt)
+    for side in ("chosen", "rejected"):
+        answer = feature[f"{side}_ids"]
+        out[f"{side}_input_ids"] = list(prompt) + list(answer)
+        out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+        out[f"{side}_labels"] = [-100] * len(prompt) + list(answer)
+    return out
+
+
+def _reference_free_trainer_class(loss: str) -> type:
+    if loss == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as Base
+    else:
+        from trl.experimental.cpo import CPOTrainer as Base
+
+    class PretokenizedTrainer(Base):
+        def tokenize_row(self, feature, model=None):
+            if "prompt_ids" in feature:
+                return pair_features(feature)
+            return super().tokenize_row(feature, model)
+
+    PretokenizedTrainer.__name__ = f"Pretokenized{Base.__name__}"
+    return PretokenizedTrainer
+
+
+class DPOStage(PreferenceStage):
+    name = "dpo"
+    description = "Direct preference optimization: DPO, IPO, hinge ..., or the reference-free ORPO and SimPO."
+    kind = "pairs"
+
+    def validate(self, args: StageArgs) -> list[str]:
+        problems = super().validate(args)
+        loss = self._loss()
+        if loss not in DPO_LOSSES + REFERENCE_FREE_LOSSES:
+            problems.append(f"--loss_type {loss}: expected one of {', '.join(DPO_LOSSES + REFERENCE_FREE_LOSSES)}")
+        if args.data.ref_model and args.method in ADAPTER_METHODS:
+            problems.append(
+                f"--ref_model is for full-parameter training; with {args.method} the reference is the model with "
+                "its adapter switched off"
+            )
+        if args.data.ref_model and loss in REFERENCE_FREE_LOSSES:
+            problems.append(f"--loss_type {loss} uses no reference model; drop --ref_model")
+        return problems
+
+    def _loss(self) -> str:
+        return self.options.loss_type or "sigmoid"
+
+    def _beta(self) -> float:
+        if self.options.beta is not None:
+            return self.options.beta
+        return SIMPO_DEFAULT_BETA if self._loss() == "simpo" else DPO_DEFAULT_BETA
+
+    def trainer_class(self) -> type:
+        loss = self._loss()
+        return _reference_free_trainer_class(loss) if loss in REFERENCE_FREE_LOSSES else _dpo_trainer_class()
+
+    def trainer_args(self, ctx: StageContext) -> Any:
+        d, train, loss = ctx.args.data, ctx.args.train, self._loss()
+        if loss == "orpo":
+            from trl.experimental.orpo import ORPOConfig
+
+            return trl_config(ORPOConfig, train, beta=d.orpo_beta, max_length=None, disable_dropout=True)
+        if loss == "simpo":
+            from trl.experimental.cpo import CPOConfig
+
+            return trl_config(
+                CPOConfig,
+                train,
+                loss_type="simpo",
+                beta=self._beta(),
+                simpo_gamma=d.simpo_gamma,
+                cpo_alpha=0.0,
+                label_smoothing=d.label_smoothing,
+                max_length=None,
+                disable_dropout=True,
+            )
+        from trl import DPOConfig
+
+        return trl_config(
+            DPOConfig,
+            train,
+            loss_type=[loss],
+            beta=self._beta(),
+            label_smoothing=d.label_smoothing,
+            max_length=None,
+            precompute_ref_log_probs=d.precompute_ref_log_probs,
+            disable_dropout=True,
+        )
+
+    def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"processing_class": ctx.tokenizer}
+        if self._loss() not in REFERENCE_FREE_LOSSES:
+            kwargs["ref_model"] = reference_model(ctx)
+        return kwargs
+
+
+def main(argv: list[str]) -> int:
+    return stage_main(DPOStage(), argv)

@@ -1,0 +1,155 @@
+"""Training without waste: padding-free batches and an output layer computed only where a loss is.
+
+Padding-free: the samples of a batch are concatenated into one row whose position ids restart at
+every sample; transformers turns restarting position ids (with no attention mask) into a
+block-diagonal causal mask for SDPA/eager and into varlen kernels for flash-attention, so no token
+attends across samples.
+
+Trained positions only: the LM head (49k-wide for SmolLM2) and the cross-entropy run on the
+positions whose next-token label is trained, in checkpointed chunks, so the full-vocabulary logits
+are never held for the whole batch. Both are exact: losses and gradients equal the padded, full
+computation within float tolerance (tests/unit/test_efficient.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedCollator:
+    """Concatenate a batch into one row: input_ids / labels / position_ids of shape [1, total]."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for f in features:
+            x = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            y = torch.as_tensor(f["labels"], dtype=torch.long) if "labels" in f else x.clone()
+            y = y.clone()
+            y[0] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
+            ids.append(x)
+            labels.append(y)
+            positions.append(torch.arange(x.numel()))
+        return {
+            "input_ids": torch.cat(ids).unsqueeze(0),
+            "labels": torch.cat(labels).unsqueeze(0),
+            "position_ids": torch.cat(positions).unsqueeze(0),
+        }
+
+
+def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids that restart after every EOS, so packed documents do not attend to each other."""
+    batch, length = input_ids.shape
+    arange = torch.arange(length).expand(batch, length)
+    is_end = input_ids == eos_id
+    # Index where the current document starts: one past the last EOS before each position.
+    start = torch.where(is_end, arange + 1, torch.zeros_like(arange))
+    start = torch.cummax(torch.cat([torch.zeros(batch, 1, dtype=torch.long), start[:, :-1]], dim=1), dim=1).values
+    return arange - start
+
+
+@dataclass
+class DocumentCollator:
+    """PT blocks whose documents stay apart: positions restart after every EOS (full blocks only)."""
+
+    pad_token_id: int
+    eos_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from tunestack.data.collators import PadCollator
+
+        batch = PadCollator(self.pad_token_id)(features)
+        if bool(batch["attention_mask"].all()):
+            batch["position_ids"] = document_position_ids(batch["input_ids"], self.eos_token_id)
+            labels = batch["labels"]
+            first = batch["position_ids"] == 0
+            labels[first] = IGNORE_INDEX  # a document's first token is not predicted from the previous one
+            del batch["attention_mask"]
+        return batch
+
+
+def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def trained_positions_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over trained positions, and their count."""
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    rows = hidden[:, :-1][selected]
+    targets = targets[selected]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_head_loss, rows[part], targets[part], head, use_reentrant=False)
+        else:
+            total = total + _head_loss(rows[part], targets[part], head)
+    return total, selected.sum()
+
+
+def supports_trained_positions(model: Any) -> bool:
+    """Models whose logits are a plain head over the decoder output (no soft-capping or scaling)."""
+    base = hf_model(model)
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
+        return False
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def hf_model(model: Any) -> Any:
+    """The transformers model under DDP / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+class TrainedPositionsLossMixin:
+    """compute_loss that runs the LM head only on trained positions (training steps; eval is unchanged)."""
+
+    lm_head_chunk_size = 1024
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        base = hf_model(model)
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_hidden(module, args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        handle = base.get_decoder().register_forward_hook(keep_hidden)
+        try:
+            # Through the (DDP/PEFT) wrapper so gradient sync and adapters apply; the head runs on 1 position.
+            model(**inputs, logits_to_keep=1, use_cache=False)
+        finally:
+            handle.remove()
+        loss_sum, count = trained_positions_loss(
+            captured["hidden"],
+            labels.to(captured["hidden"].device),
+            base.get_output_embeddings(),
+            self.lm_head_chunk_size,
+        )
+        denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        loss = loss_sum / denominator
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return loss
