@@ -60,7 +60,7 @@ class SegmentTokenizer:
     def __init__(self, tokenizer: Any, template: Template):
         self.tokenizer = tokenizer
         self.template = template
-        self.bos_id = _auto_bos_id(tokenizer)
+        self.bos_id = auto_bos_id(tokenizer)
 
     def encode_segments(self, segments: Sequence[Segment]) -> Encoded:
         texts = [s.text for s in segments]
@@ -128,7 +128,7 @@ class SegmentTokenizer:
         return None
 
 
-def _auto_bos_id(tokenizer: Any) -> int | None:
+def auto_bos_id(tokenizer: Any) -> int | None:
     """The BOS id the tokenizer adds by itself (None when it adds none)."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -202,3 +202,6 @@ def collator_for(tokenizer: Any, pad_to_multiple_of: int | None = None) -> PadCo
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
     return PadCollator(pad, pad_to_multiple_of)
+
+
+_auto_bos_id = auto_bos_id  # old private name, still imported by model/reward.py

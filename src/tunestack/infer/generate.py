@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunestack.config.model import DTYPES, ModelArguments
+from tunestack.data.supervised import auto_bos_id
 from tunestack.errors import ConfigError, ModelError
 from tunestack.model.load import ModelRef, load_model, load_tokenizer
 from tunestack.model.merge import resolve_stack, training_system_prompt, untie_adapted_embeddings
@@ -149,18 +150,6 @@ def stop_token_ids(ref: ModelRef, model: Any, tokenizer: Any, extra: Sequence[in
     return [int(i) for i in dict.fromkeys(ids) if i is not None]
 
 
-def _auto_bos_id(tokenizer: Any) -> int | None:
-    """The BOS id the tokenizer adds by itself (training adds it once, when the template has none)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if with_special and with_special[0] == bos and (not without or without[0] != bos):
-        return bos
-    return None
-
-
 def _named_template(name: str | None, tokenizer: Any) -> Any:
     """The template object of tunestack.data.templates for a named template, or None for the tokenizer's own."""
     try:
@@ -206,7 +195,7 @@ class ChatModel:
         self.template = template
         self.name = name
         self.default_system = default_system  # the system prompt the model was trained with, if any
-        self.bos_id = _auto_bos_id(tokenizer)
+        self.bos_id = auto_bos_id(tokenizer)
 
     @classmethod
     def load(cls, selection: ModelSelection) -> ChatModel:

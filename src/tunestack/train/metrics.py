@@ -33,3 +33,13 @@ def lm_trainer_mixins(train_args: Any, model: Any) -> tuple[type, ...]:
     if train_args.sparse_lm_head and supports_trained_positions(model):
         return (TrainedPositionsLossMixin,)
     return ()
+
+
+def perplexity_line(metrics: dict[str, Any], label: str) -> str | None:
+    """'LABEL: before -> after (accuracy)' for the run summary, or None without an eval."""
+    if "eval_perplexity" not in metrics:
+        return None
+    before = metrics.get("before_eval_perplexity")
+    arrow = f"{before:.2f} -> " if before is not None else ""
+    accuracy = metrics.get("eval_accuracy", float("nan"))
+    return f"{label}: {arrow}{metrics['eval_perplexity']:.2f}  (next-token accuracy {accuracy:.3f})"

@@ -10,7 +10,7 @@ from tunestack.data.pretrain import load_pretrain_corpus, resolve_block_size, st
 from tunestack.data.sources import find_data_files
 from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, cache_root, stage_main
 from tunestack.train.efficient import DocumentCollator
-from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins
+from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins, perplexity_line
 
 
 class PretrainStage(Stage):
@@ -84,13 +84,9 @@ class PretrainStage(Stage):
             )
         if result.get("tokens_seen"):
             lines.append(f"tokens trained: {int(result['tokens_seen']):,}")
-        if "eval_perplexity" in m:
-            before = m.get("before_eval_perplexity")
-            arrow = f"{before:.2f} -> " if before is not None else ""
-            lines.append(
-                f"eval perplexity: {arrow}{m['eval_perplexity']:.2f}  (next-token accuracy "
-                f"{m.get('eval_accuracy', float('nan')):.3f})"
-            )
+        ppl = perplexity_line(m, "eval perplexity")
+        if ppl:
+            lines.append(ppl)
         return lines
 
 

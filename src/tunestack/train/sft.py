@@ -14,7 +14,7 @@ from tunestack.data.supervised import build_sft_dataset, collator_for
 from tunestack.data.templates import TokenizerTemplate, get_template, jinja_chat_template, stop_token_ids
 from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, stage_main
 from tunestack.train.efficient import PackedCollator
-from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins
+from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins, perplexity_line
 
 
 def load_chat_split(paths: str, data_args: Any) -> Any:
@@ -123,13 +123,9 @@ class SupervisedStage(Stage):
             reasons = ", ".join(f"{n} {r}" for r, n in s["skip_reasons"].items())
             line += f", {s['skipped_bad_records']} bad records skipped ({reasons}; see rejects.jsonl)"
         lines = [line]
-        if "eval_perplexity" in m:
-            before = m.get("before_eval_perplexity")
-            arrow = f"{before:.2f} -> " if before is not None else ""
-            lines.append(
-                f"eval perplexity on answers: {arrow}{m['eval_perplexity']:.2f}  "
-                f"(token accuracy {m.get('eval_accuracy', float('nan')):.3f})"
-            )
+        ppl = perplexity_line(m, "eval perplexity on answers")
+        if ppl:
+            lines.append(ppl)
         return lines
 
 
