@@ -1,0 +1,333 @@
+"""`tunestack eval`: perplexity, answers scored against references, reward-model scores, probe answers.
+
+Several models can be evaluated side by side (`--model_name_or_path a,b,c`; by default the base model under the
+first one is added in front, labelled `base`), so one eval shows the before/after of a whole pipeline.
+OUTPUT_DIR gets eval.json (per-model metrics), predictions.jsonl (every answer, with its scores) and run.json.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunestack.config.model import DTYPES
+from tunestack.errors import ConfigError, TunestackError
+from tunestack.eval.metrics import SEGMENTATION, answer_scores, has_jieba, score_answers
+from tunestack.infer.batch import PromptItem, generate_all, write_jsonl_atomic
+from tunestack.infer.generate import ChatModel, GenerationArguments, ModelSelection
+
+logger = logging.getLogger("tunestack")
+
+DESCRIPTION = (
+    "Evaluate one or more models: perplexity on text, answers scored against references (exact match, BLEU-4, "
+    "ROUGE-L), reward-model scores, and a fixed set of probe prompts kept for before/after comparison."
+)
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model(s) to evaluate, comma separated: stage output folders, HF folders, .gguf files or "
+            "aliases (default: smollm2-135m-instruct)."
+        },
+    )
+    include_base: bool = field(
+        default=True,
+        metadata={"help": "Also evaluate the base model under the first model (labelled 'base'), for before/after."},
+    )
+    eval_text_dir: str | None = field(
+        default=None, metadata={"help": "Held-out text (.txt, or json/jsonl with 'text') for perplexity."}
+    )
+    eval_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts with reference answers (jsonl/json/csv/parquet: prompt/question/instruction + "
+            "reference/answer/output, or SFT conversations whose last answer is the reference)."
+        },
+    )
+    probe_prompts: str | None = field(
+        default=None,
+        metadata={"help": "Probe prompts (.txt lines or jsonl); default: a built-in list; 'none' for no probes."},
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "A tunestack rm output: score every answer with it (also --reward_model_path)."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where eval.json and predictions.jsonl go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an earlier eval in --output_dir."})
+    template_name: str | None = field(default=None, metadata={"help": "Chat template (default: the tokenizer's)."})
+    torch_dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16.", "choices": DTYPES})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model folder's own Python code."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Prompts generated (or text blocks scored) together."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per perplexity block."})
+    max_eval_blocks: int | None = field(default=200, metadata={"help": "Perplexity on at most N blocks (-1: all)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most N prompts of --eval_file."})
+    segmentation: str = field(
+        default="auto",
+        metadata={
+            "help": "Chinese word segmentation for BLEU/ROUGE: auto (jieba if installed, else characters), "
+            "jieba or char.",
+            "choices": SEGMENTATION,
+        },
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.output_dir:
+            out.append("--output_dir is required")
+        if self.eval_batch_size < 1:
+            out.append("--eval_batch_size must be at least 1")
+        if self.block_size < 2:
+            out.append("--block_size must be at least 2")
+        if self.segmentation == "jieba" and not has_jieba():
+            out.append("--segmentation jieba: jieba is not installed (pip install jieba)")
+        return out
+
+    @property
+    def models(self) -> list[str]:
+        names = [m.strip() for m in (self.model_name_or_path or "").split(",") if m.strip()]
+        return names or ["smollm2-135m-instruct"]
+
+
+@dataclass
+class EvalGenerationArguments(GenerationArguments):
+    """Generation options with evaluation defaults: greedy decoding, short answers."""
+
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest answer, in tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 (default) is greedy."})
+
+
+def argument_classes() -> tuple[type, ...]:
+    return (EvalArguments, EvalGenerationArguments)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def root_base(reference: str) -> str:
+    """The model at the bottom of a stage output's run.json chain (the alias or folder training started from)."""
+    from tunestack.model.load import read_run_manifest
+
+    seen = set()
+    while reference not in seen:
+        seen.add(reference)
+        path = Path(reference).expanduser()
+        manifest = read_run_manifest(path) if path.is_dir() else None
+        if not manifest or not manifest.get("base_model"):
+            return reference
+        reference = str(manifest["base_model"])
+    return reference
+
+
+def model_label(reference: str) -> str:
+    path = Path(reference).expanduser()
+    return path.name if path.exists() else reference
+
+
+def models_to_evaluate(args: EvalArguments) -> list[tuple[str, str]]:
+    """(label, reference) pairs, base first when asked; the same model is evaluated once."""
+    pairs = [(model_label(m), m) for m in args.models]
+    if args.include_base:
+        base = root_base(args.models[0])
+        pairs.insert(0, ("base", base))
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    labels: set[str] = set()
+    for label, ref in pairs:
+        key = str(Path(ref).expanduser().resolve()) if Path(ref).expanduser().exists() else ref
+        if key in seen:
+            continue
+        seen.add(key)
+        while label in labels:
+            label += "'"
+        labels.add(label)
+        out.append((label, ref))
+    return out
+
+
+class RewardScorer:
+    """Scores answers with a tunestack reward model (skipped, with a note, where the reward module is missing)."""
+
+    def __init__(self, reference: str, torch_dtype: str, trust_remote_code: bool):
+        try:
+            from tunestack.model.reward import load_reward_model, score_responses
+        except ImportError as exc:  # the reward-model module is part of the rm stage
+            self.note = f"reward scores skipped: tunestack.model.reward is not available ({exc})"
+            self.model = None
+            return
+        self.note = ""
+        self._score = score_responses
+        self.model, self.tokenizer, self.template = load_reward_model(reference, torch_dtype, trust_remote_code)
+
+    def __call__(self, items: list[PromptItem], answers: list[str], batch_size: int) -> list[float] | None:
+        if self.model is None:
+            return None
+        from tunestack.data.formats import Message
+
+        prompts = [(item.system, tuple(Message(m["role"], m["content"]) for m in item.messages)) for item in items]
+        return self._score(self.model, self.tokenizer, self.template, prompts, answers, batch_size=batch_size)
+
+
+def evaluate_model(
+    label: str,
+    reference: str,
+    args: EvalArguments,
+    gen: GenerationArguments,
+    docs: list[str],
+    items: list[PromptItem],
+    probes: list[PromptItem],
+    scorer: RewardScorer | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, prediction rows) of one model."""
+    from tunestack.eval.perplexity import perplexity, token_blocks
+
+    started = time.time()
+    selection = ModelSelection(
+        model=reference,
+        template_name=args.template_name,
+        torch_dtype=args.torch_dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    chat = ChatModel.load(selection)
+    metrics: dict[str, Any] = {}
+    if docs:
+        blocks = token_blocks(chat.tokenizer, docs, args.block_size, args.max_eval_blocks)
+        ppl = perplexity(chat.model, blocks, batch_size=min(args.eval_batch_size, 4))
+        metrics.update(perplexity=ppl["perplexity"], perplexity_tokens=ppl["tokens"])
+    asked = items + probes
+    answers = generate_all(chat, asked, gen, args.eval_batch_size, chat.system_for(gen)) if asked else []
+    rewards = scorer(asked, answers, args.eval_batch_size) if scorer is not None and asked else None
+    rows: list[dict[str, Any]] = []
+    for i, (item, answer) in enumerate(zip(asked, answers, strict=True)):
+        row: dict[str, Any] = {"model": label, "set": "eval" if i < len(items) else "probe", "prompt": item.prompt}
+        row["response"] = answer
+        if item.reference is not None:
+            row["reference"] = item.reference
+            row.update(answer_scores(answer, item.reference, args.segmentation))
+        if rewards is not None:
+            row["reward"] = round(rewards[i], 4)
+        rows.append(row)
+    scored = [(a, it.reference) for a, it in zip(answers[: len(items)], items, strict=True) if it.reference]
+    if scored:
+        preds, refs = zip(*scored, strict=True)
+        metrics.update(score_answers(list(preds), list(refs), args.segmentation))
+    if rewards is not None and items:
+        metrics["reward_mean"] = round(sum(rewards[: len(items)]) / len(items), 4)
+    if rewards is not None and probes:
+        metrics["probe_reward_mean"] = round(sum(rewards[len(items) :]) / len(probes), 4)
+    metrics["seconds"] = round(time.time() - started, 1)
+    del chat
+    gc.collect()
+    return metrics, rows
+
+
+def _summary_table(results: list[dict[str, Any]]) -> str:
+    keys = [
+        k
+        for k in ("perplexity", "exact_match", "bleu4", "rouge_l", "reward_mean", "probe_reward_mean")
+        if any(k in r["metrics"] for r in results)
+    ]
+    width = max(len(r["label"]) for r in results)
+    lines = ["  " + " " * width + "  " + "  ".join(f"{k:>17}" for k in keys)]
+    for r in results:
+        cells = [f"{r['metrics'][k]:>17.4g}" if k in r["metrics"] else f"{'-':>17}" for k in keys]
+        lines.append(f"  {r['label']:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
+    from tunestack.eval.perplexity import read_documents
+    from tunestack.eval.prompts import probe_items, read_items
+    from tunestack.train.output import OutputFolder, write_json_atomic
+
+    started = time.time()
+    assert args.output_dir is not None
+    output = OutputFolder(args.output_dir, "eval")
+    output.plan(None, args.overwrite_output_dir)
+    for name in ("eval.json", "predictions.jsonl"):
+        (output.path / name).unlink(missing_ok=True)
+    docs, text_files = read_documents(args.eval_text_dir) if args.eval_text_dir else ([], [])
+    items = read_items(Path(args.eval_file).expanduser(), "--eval_file") if args.eval_file else []
+    if args.max_eval_samples and args.max_eval_samples > 0:
+        items = items[: args.max_eval_samples]
+    probes = probe_items(args.probe_prompts)
+    if not (docs or items or probes):
+        raise ConfigError("nothing to evaluate: give --eval_text_dir, --eval_file or --probe_prompts")
+    models = models_to_evaluate(args)
+    from dataclasses import asdict
+
+    from tunestack.data.sources import fingerprint_files
+
+    data_files = [*text_files, *([Path(args.eval_file)] if args.eval_file else [])]
+    output.begin(
+        {
+            "base_model": models[0][1],
+            "tuning_method": None,
+            "options": {"eval": asdict(args), "generation": asdict(gen)},
+            "data_fingerprint": fingerprint_files(data_files) if data_files else None,
+            "data_stats": {"documents": len(docs), "prompts": len(items), "probes": len(probes)},
+        }
+    )
+    try:
+        scorer = (
+            RewardScorer(args.reward_model, args.torch_dtype, args.trust_remote_code) if args.reward_model else None
+        )
+        if scorer is not None and scorer.note:
+            logger.warning("%s", scorer.note)
+        results, rows = [], []
+        for i, (label, reference) in enumerate(models, start=1):
+            print(f"[eval {i}/{len(models)}] {label}: {reference}", flush=True)  # noqa: T201
+            metrics, model_rows = evaluate_model(label, reference, args, gen, docs, items, probes, scorer)
+            results.append({"label": label, "reference": reference, "metrics": metrics})
+            rows += model_rows
+    except TunestackError as exc:
+        output.abandon(str(exc))
+        raise
+    except BaseException as exc:
+        output.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    report = {
+        "models": results,
+        "probes": [p.prompt for p in probes],
+        "eval_file": args.eval_file,
+        "eval_text_dir": args.eval_text_dir,
+        "reward_model": args.reward_model,
+        "notes": [scorer.note] if scorer is not None and scorer.note else [],
+        "segmentation": args.segmentation if args.segmentation != "auto" else ("jieba" if has_jieba() else "char"),
+    }
+    write_json_atomic(output.path / "eval.json", report)
+    write_jsonl_atomic(output.path / "predictions.jsonl", rows)
+    seconds = round(time.time() - started, 1)
+    output.finish(
+        "complete",
+        metrics={r["label"]: r["metrics"] for r in results},
+        summary={"seconds": seconds, "models": len(results), "prompts": len(items), "probes": len(probes)},
+    )
+    print(  # noqa: T201
+        f"eval finished in {seconds:.0f}s: {len(results)} models, {len(items)} prompts, {len(probes)} probes, "
+        f"{len(docs)} documents\n{_summary_table(results)}\n"
+        f"output: {args.output_dir} (eval.json, predictions.jsonl)"
+    )
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    from tunestack.config.parse import parse_into, print_help
+
+    if "-h" in argv or "--help" in argv:
+        print_help(argument_classes(), "tunestack eval", DESCRIPTION)
+        return 0
+    args, gen = parse_into(argument_classes(), argv, prog="tunestack eval", description=DESCRIPTION)
+    return run_eval(args, gen)
+
+
+def read_eval(folder: Path) -> dict[str, Any] | None:
+    """eval.json of an eval output folder, or None."""
+    path = folder / "eval.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
