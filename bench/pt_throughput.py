@@ -27,8 +27,6 @@ import json
 import os
 import random
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+import common  # noqa: E402  (bench/common.py: subprocess runner, shared with the other benchmarks)
 
 # ------------------------------------------------------------------------------------------------
 # Generated corpus (English and Chinese medical-style sentences, fixed seed)
@@ -259,38 +259,15 @@ CHILDREN = {
 
 def run_child(kind: str, spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """Run one workload in a fresh process; returns its result plus wall time and its own peak RSS."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    spec = {**spec, "work": str(work)}
-    spec_file = work / "spec.json"
-    spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    log = work / "log.txt"
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, str(HERE), "_child", kind, str(spec_file)], stdout=fh, stderr=fh, env=env
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} failed (exit {proc.returncode}); log: {log}\n{log.read_text()[-3000:]}")
-    result = json.loads((work / "result.json").read_text())
-    result.update(kind=kind, wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024)  # Linux: ru_maxrss in KiB
-    return result
+    return common.run_child(HERE, kind, spec, work)
 
 
 def _orders(a: str, b: str, rounds: int) -> list[str]:
     """a b, b a, a b ...: alternate which system runs first (warm file cache, CPU clocks)."""
-    out: list[str] = []
-    for r in range(rounds):
-        out += [a, b] if r % 2 == 0 else [b, a]
-    return out
+    return common.orders([a, b], rounds)
 
 
-def _median(rows: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in rows)
+_median = common.median
 
 
 def bench_training(args: argparse.Namespace, model: str, work: Path) -> None:
@@ -384,11 +361,7 @@ def bench_tokenization(args: argparse.Namespace, model: str, work: Path) -> None
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        kind, spec_file = sys.argv[2], Path(sys.argv[3])
-        spec = json.loads(spec_file.read_text())
-        result = CHILDREN[kind](spec)
-        (spec_file.parent / "result.json").write_text(json.dumps(result))
+    if common.child_entry(CHILDREN):
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per training run (default 20)")
