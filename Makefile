@@ -4,7 +4,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	bash scripts/demo.sh
+	.venv/bin/tunestack run examples/demo/recipe.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q

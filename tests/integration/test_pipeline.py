@@ -238,6 +238,11 @@ BAD_RECIPES = {
         [{"name": "sft", "stage": "sft", "train_file_dir": "data/nope"}],
         ["stage 'sft': train_file_dir: data/nope does not exist"],
     ),
+    "shared output": (
+        [{"name": "a", "stage": "sft", "train_file_dir": "data/sft", "output_dir": "out/x"},
+         {"name": "b", "stage": "sft", "train_file_dir": "data/sft", "output_dir": "out/x"}],
+        ["stage 'b': writes to the output_dir of stage 'a'"],
+    ),
     "no reward": (
         [{"name": "ppo", "stage": "ppo", "train_file_dir": "data/sft"}],
         ["stage 'ppo': no reward: set reward_model"],

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 CURVES = ("loss.png", "reward.png")
+PERPLEXITY_STAGES = ("pt", "sft")  # exp(eval loss) means nothing for a pairwise or DPO loss
 STATE_FILE = "pipeline.json"
 
 # (metric key in run.json, label, format) shown as "before -> after" when a before_ value exists.
 KEY_METRICS: tuple[tuple[str, str, str], ...] = (
     ("eval_loss", "eval loss", "{:.4f}"),
-    ("eval_perplexity", "perplexity", "{:.2f}"),
+    ("eval_perplexity", "perplexity", "{:.2f}"),  # of language-model stages only (see PERPLEXITY_STAGES)
     ("eval_pairwise_accuracy", "RM pairwise accuracy", "{:.3f}"),
     ("eval_mean_margin", "RM mean margin", "{:+.3f}"),
     ("eval_rewards/accuracies", "DPO reward accuracy", "{:.3f}"),
@@ -139,7 +140,7 @@ def key_metrics(stage: StageReport) -> list[tuple[str, str]]:
     if isinstance(loss, (int, float)):
         out.append(("final loss", f"{loss:.4f}"))
     for key, label, fmt in KEY_METRICS:
-        if key not in metrics:
+        if key not in metrics or (key == "eval_perplexity" and stage.kind not in PERPLEXITY_STAGES):
             continue
         after = _fmt(metrics[key], fmt)
         before = metrics.get(f"before_{key}")

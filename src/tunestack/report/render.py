@@ -67,7 +67,10 @@ def _overview(stages: list[StageReport]) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "kind", "status", "this run", "time", "tokens/s", "key metrics"]
     rows = []
     for s in stages:
-        metrics = "; ".join(f"{k}: {v}" for k, v in key_metrics(s) if k != "steps")
+        metrics = "; ".join(f"{k}: {v}" for k, v in key_metrics(s) if k != "steps" and not k.startswith("eval: "))
+        if s.eval is not None:
+            labels = [m["label"] for m in s.eval.get("models", [])]
+            metrics = f"{len(labels)} models compared ({', '.join(labels)}): see its section"
         rows.append(
             [s.name, s.kind, s.status, s.action or "–", _duration(seconds(s)), _rate(tokens_per_second(s)), metrics]
         )
