@@ -17,6 +17,9 @@ DPO_LOSSES = (
     "exo_pair",
     "apo_zero",
     "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "sft",
 )
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
@@ -69,9 +72,13 @@ class PreferenceDataArguments:
     loss_type: str | None = field(
         default=None,
         metadata={
-            "help": "dpo: sigmoid (default), ipo, hinge, robust ... or the reference-free orpo and simpo; "
+            "help": "dpo: sigmoid (default), ipo, hinge, robust ..., a weighted comma list such as sigmoid,sft "
+            "(DPO + NLL on the chosen answers, see --loss_weights), or the reference-free orpo and simpo; "
             "kto: kto (default) or apo_zero_unpaired."
         },
+    )
+    loss_weights: str | None = field(
+        default=None, metadata={"help": "Comma list of weights for a comma list of DPO losses (default: all 1)."}
     )
     label_smoothing: float = field(default=0.0, metadata={"help": "Robust DPO / conservative DPO label smoothing."})
     orpo_beta: float = field(default=0.1, metadata={"help": "ORPO: weight of the odds-ratio term (lambda)."})

@@ -1,7 +1,8 @@
 """Direct preference optimization and its reference-free relatives, through TRL.
 
---loss_type sigmoid (DPO, default), ipo, hinge, robust ... -> trl.DPOTrainer; orpo -> ORPOTrainer; simpo ->
-CPOTrainer(loss_type="simpo") (both in trl.experimental). Under an adapter the reference is the same model
+--loss_type sigmoid (DPO, default), ipo, hinge, robust ... or a weighted comma list (sigmoid,sft: DPO plus NLL on
+the chosen answers, which keeps the model stopping where the chosen answers stop) -> trl.DPOTrainer; orpo ->
+ORPOTrainer; simpo -> CPOTrainer(loss_type="simpo") (both in trl.experimental). Under an adapter the reference is the same model
 with the adapter switched off (no second copy in memory); with full tuning it is --ref_model or a frozen copy
 of the start model. TRL logs rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins, which
 land in metrics.jsonl.
@@ -78,9 +79,13 @@ class DPOStage(PreferenceStage):
 
     def validate(self, args: StageArgs) -> list[str]:
         problems = super().validate(args)
-        loss = self._loss()
-        if loss not in DPO_LOSSES + REFERENCE_FREE_LOSSES:
-            problems.append(f"--loss_type {loss}: expected one of {', '.join(DPO_LOSSES + REFERENCE_FREE_LOSSES)}")
+        loss, losses = self._loss(), self._losses()
+        if loss not in REFERENCE_FREE_LOSSES and any(x not in DPO_LOSSES for x in losses):
+            known = ", ".join(DPO_LOSSES + REFERENCE_FREE_LOSSES)
+            problems.append(f"--loss_type {loss}: expected one of {known}, or a comma list of DPO losses")
+        weights = self._loss_weights()
+        if args.data.loss_weights and (weights is None or len(weights) != len(losses)):
+            problems.append(f"--loss_weights {args.data.loss_weights}: give one number per --loss_type entry")
         if args.data.ref_model and args.method in ADAPTER_METHODS:
             problems.append(
                 f"--ref_model is for full-parameter training; with {args.method} the reference is the model with "
@@ -93,6 +98,17 @@ class DPOStage(PreferenceStage):
     def _loss(self) -> str:
         return self.options.loss_type or "sigmoid"
 
+    def _losses(self) -> list[str]:
+        return [x.strip() for x in self._loss().split(",") if x.strip()]
+
+    def _loss_weights(self) -> list[float] | None:
+        if not self.options.loss_weights:
+            return None
+        try:
+            return [float(x) for x in self.options.loss_weights.split(",")]
+        except ValueError:
+            return None
+
     def _beta(self) -> float:
         if self.options.beta is not None:
             return self.options.beta
@@ -104,10 +120,11 @@ class DPOStage(PreferenceStage):
 
     def trainer_args(self, ctx: StageContext) -> Any:
         d, train, loss = ctx.args.data, ctx.args.train, self._loss()
+        longest = d.max_source_length + d.max_target_length  # our encoding already bounds every pair
         if loss == "orpo":
             from trl.experimental.orpo import ORPOConfig
 
-            return trl_config(ORPOConfig, train, beta=d.orpo_beta, max_length=None, disable_dropout=True)
+            return trl_config(ORPOConfig, train, beta=d.orpo_beta, max_length=longest, disable_dropout=True)
         if loss == "simpo":
             from trl.experimental.cpo import CPOConfig
 
@@ -119,7 +136,7 @@ class DPOStage(PreferenceStage):
                 simpo_gamma=d.simpo_gamma,
                 cpo_alpha=0.0,
                 label_smoothing=d.label_smoothing,
-                max_length=None,
+                max_length=longest,
                 disable_dropout=True,
             )
         from trl import DPOConfig
@@ -127,7 +144,8 @@ class DPOStage(PreferenceStage):
         return trl_config(
             DPOConfig,
             train,
-            loss_type=[loss],
+            loss_type=self._losses(),
+            loss_weights=self._loss_weights(),
             beta=self._beta(),
             label_smoothing=d.label_smoothing,
             max_length=None,
