@@ -16,6 +16,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 COMMANDS: dict[str, tuple[str, str]] = {
     "pt": ("tunestack.train.pt:main", "continued pretraining on raw domain text"),
     "sft": ("tunestack.train.sft:main", "supervised fine-tuning on chat / instruction data"),
+    "rm": ("tunestack.train.rm:main", "reward model on preference pairs (scalar head on any causal LM)"),
+    "dpo": ("tunestack.train.dpo:main", "direct preference optimization; --loss_type sigmoid|ipo|hinge|orpo|simpo"),
+    "kto": ("tunestack.train.kto:main", "KTO on unpaired desirable / undesirable answers"),
+    "score": ("tunestack.score:main", "score pairs or responses with a reward model"),
     "rl": ("tunestack.train.rl:main", "reinforcement learning: PPO, GRPO or RLOO against a reward model or functions"),
     "merge": ("tunestack.model.merge:main", "merge an adapter into its base: a standalone model folder"),
     "chat": ("tunestack.infer.chat:main", "chat with a model or stage output (interactive, or one --prompt)"),

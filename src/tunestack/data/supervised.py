@@ -202,6 +202,3 @@ def collator_for(tokenizer: Any, pad_to_multiple_of: int | None = None) -> PadCo
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
     return PadCollator(pad, pad_to_multiple_of)
-
-
-_auto_bos_id = auto_bos_id  # old private name, still imported by model/reward.py
