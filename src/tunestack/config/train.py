@@ -75,6 +75,4 @@ class TrainArguments(TrainingArguments):
         if self.early_stopping_patience:
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
-        if self.logging_dir:
-            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
         super().__post_init__()

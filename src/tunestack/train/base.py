@@ -7,6 +7,7 @@ run.json, metrics.jsonl, loss.png, TensorBoard, clean stop) lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -251,14 +252,15 @@ class Stage:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.train.early_stopping_patience))
         if is_adalora(model):
             callbacks.append(AdaLoraBudget(model))
-        trainer = with_tunestack(self.trainer_class(), self.trainer_mixins(ctx, model))(
-            model=model,
-            args=self.trainer_args(ctx),
-            train_dataset=data.train if args.train.do_train else None,
-            eval_dataset=data.eval if args.train.do_eval else None,
-            callbacks=callbacks,
-            **self.trainer_kwargs(ctx, data),
-        )
+        with tensorboard_dir(args.train.logging_dir or str(out_dir / "runs")):
+            trainer = with_tunestack(self.trainer_class(), self.trainer_mixins(ctx, model))(
+                model=model,
+                args=self.trainer_args(ctx),
+                train_dataset=data.train if args.train.do_train else None,
+                eval_dataset=data.eval if args.train.do_eval else None,
+                callbacks=callbacks,
+                **self.trainer_kwargs(ctx, data),
+            )
         metrics: dict[str, Any] = {}
         run_eval = args.train.do_eval and data.eval is not None
         if run_eval and resume_from is None:
@@ -293,6 +295,21 @@ class Stage:
             plot_curves(out_dir / "metrics.jsonl", out_dir / "loss.png", ("loss", "eval_loss"), f"{self.name} loss")
         result["tokens_seen"] = trainer.state.num_input_tokens_seen
         return result
+
+
+@contextlib.contextmanager
+def tensorboard_dir(path: str) -> Any:
+    """transformers' TensorBoard callback reads its folder from the environment when it is created;
+    set it for that moment only, so it never leaks into later stages or child processes."""
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
 
 
 def stage_main(stage: Stage, argv: list[str]) -> int:
