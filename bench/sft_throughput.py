@@ -347,14 +347,14 @@ def report(rows: list[dict[str, Any]], kinds: list[str], gflops: float, dtype: s
         f"N_head {params[1] / 1e6:.1f}M; T_real = non-padding tokens, T_trained = answer tokens):"
     )
     header = (
-        f"  {'system':<36}{'s/step':>8}{'trained tok/s':>15}{'total tok/s':>13}{'peak RSS MB':>13}"
+        f"  {'system':<40}{'s/step':>8}{'trained tok/s':>15}{'total tok/s':>13}{'peak RSS MB':>13}"
         f"{'final loss':>12}{'of peak':>9}"
     )
     print(header)
     for k in kinds:
         m = med[k]
         print(
-            f"  {names[k]:<36}{m['s_per_step']:8.2f}{m['trained_tok_s']:15.1f}{m['real_tok_s']:13.1f}"
+            f"  {names[k]:<40}{m['s_per_step']:8.2f}{m['trained_tok_s']:15.1f}{m['real_tok_s']:13.1f}"
             f"{m['rss_mb']:13.0f}{m['final_loss']:12.3f}{m['peak_fraction']:9.1%}"
         )
     tokens = {k: (by[k][0]["trained_tokens"], by[k][0]["real_tokens"], by[k][0]["padded_tokens"]) for k in kinds}
