@@ -54,6 +54,9 @@ class SupervisedStage(Stage):
     data_class = SupervisedDataArguments
 
     def validate(self, args: StageArgs) -> list[str]:
+        if args.train.padding_free and args.train.include_num_input_tokens_seen == "non_padding":
+            # Packed rows have no padding and no attention mask; counting ids != pad would skip real EOS tokens.
+            args.train.include_num_input_tokens_seen = "all"
         return []
 
     def _template(self, ctx: StageContext) -> Any:
