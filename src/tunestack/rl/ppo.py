@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,9 +376,3 @@ class PPOLoop:
         self.step = meta["step"]
         self.kl.value = meta["kl_coef"]
 
-
-def timed(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
-    start = time.time()
-    out = fn()
-    out["step_seconds"] = round(time.time() - start, 3)
-    return out
