@@ -26,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("tunestack.infer.batch:main", "batch generation from a jsonl/json/txt file of prompts"),
     "data": ("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),
     "eval": ("tunestack.eval:main", "evaluate models: perplexity, BLEU/ROUGE vs references, RM score, probe answers"),
-    "run": ("tunestack.pipeline:main", "run a pipeline recipe (pt -> sft -> rm -> rl / dpo -> eval), cached and resumable"),
+    "run": (
+        "tunestack.pipeline:main",
+        "run a pipeline recipe (pt -> sft -> rm -> rl / dpo -> eval), cached and resumable",
+    ),
     "report": ("tunestack.report:main", "write report.html / report.md of a pipeline output or stage folder"),
 }
 

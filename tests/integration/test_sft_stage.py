@@ -181,3 +181,45 @@ def test_sft_from_a_pt_output_stacks_the_adapter(cli, tiny_model, chat_dir, pt_c
 
     ref = resolve_model(str(out))
     assert ref.adapters == [pt, out] and ref.base_dir == tiny_model
+
+
+def test_predict_with_generate_scores_the_held_out_answers(cli, tiny_model, chat_dir, tmp_path):
+    from tunestack.eval.metrics import score_answers
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    (held_out / "a.jsonl").write_text(json.dumps(IDENTITY) + "\n")
+    (held_out / "b.jsonl").write_text(json.dumps(MATH) + "\n")
+    flags = ["--validation_file_dir", held_out, "--predict_with_generate", "true", "--max_new_tokens", 12]
+
+    untrained = tmp_path / "untrained"
+    code, _, err = _sft(cli, tiny_model, chat_dir, untrained, "--do_train", "false", *flags)
+    assert code == 0, err
+    full = ["--use_peft", "false", "--learning_rate", 3e-3]
+    code, stdout, err = _sft(cli, tiny_model, chat_dir, tmp_path / "out", "--max_steps", 60, *full, *flags)
+    assert code == 0, err
+    assert "predictions on 2 held-out conversations: BLEU-4" in stdout
+
+    def read(folder):
+        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        metrics = json.loads((folder / "run.json").read_text())["metrics"]
+        return rows, metrics
+
+    before_rows, before = read(untrained)
+    rows, after = read(tmp_path / "out")
+    assert [r["reference"] for r in rows] == ["I am MediBot.", "4"]
+    assert [r["prompt"] for r in rows] == ["Who are you?", "2+2?"]
+    # The metrics in run.json are the means of the per-answer scores in the file.
+    expected = score_answers([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert after["predict_bleu4"] == expected["bleu4"] and after["predict_rouge_l"] == expected["rouge_l"]
+    # Training taught both answers; the random model knew neither.
+    assert [r["prediction"] for r in rows] == ["I am MediBot.", "4"], rows
+    assert after["predict_exact_match"] == 100.0 and after["predict_bleu4"] > 50
+    assert before["predict_exact_match"] == 0.0 and before["predict_rouge_l"] < 50, before_rows
+
+
+def test_predict_with_generate_needs_held_out_data(cli, tiny_model, chat_dir, tmp_path):
+    code, _, err = _sft(cli, tiny_model, chat_dir, tmp_path / "out", "--predict_with_generate", "true")
+    assert code == 2
+    assert "--predict_with_generate answers held-out conversations" in err
+    assert not (tmp_path / "out").exists()

@@ -39,6 +39,14 @@ class SupervisedDataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most N training conversations."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most N evaluation conversations."})
+    predict_with_generate: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, answer the held-out conversations (greedy) into OUTPUT_DIR/predictions.jsonl "
+            "with BLEU-4, ROUGE-L and exact match against their answers."
+        },
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest generated answer of --predict_with_generate."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Accepted for compatibility."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
     ignore_pad_token_for_loss: bool = field(default=True, metadata={"help": "Accepted; padding never carries a loss."})
@@ -54,4 +62,6 @@ class SupervisedDataArguments:
             out.append("--train_file_dir is required")
         if self.model_max_length < 8:
             out.append(f"--model_max_length must be at least 8, got {self.model_max_length}")
+        if self.max_new_tokens < 1:
+            out.append(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
         return out

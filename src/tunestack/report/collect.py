@@ -21,6 +21,8 @@ KEY_METRICS: tuple[tuple[str, str, str], ...] = (
     ("eval_rewards/margins", "DPO reward margin", "{:+.3f}"),
     ("eval_reward", "held-out reward", "{:+.3f}"),
     ("eval_kl", "KL to reference", "{:.4f}"),
+    ("predict_bleu4", "held-out BLEU-4", "{:.2f}"),
+    ("predict_rouge_l", "held-out ROUGE-L", "{:.2f}"),
 )
 
 

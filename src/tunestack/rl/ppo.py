@@ -375,4 +375,3 @@ class PPOLoop:
         random.setstate((meta["python_rng_version"], tuple(rng["python"]), meta["python_rng_gauss"]))
         self.step = meta["step"]
         self.kl.value = meta["kl_coef"]
-

@@ -50,6 +50,7 @@ class PreparedData:
     fingerprint: str
     stats: dict[str, Any] = field(default_factory=dict)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # skipped bad records, for rejects.jsonl
+    extras: dict[str, Any] = field(default_factory=dict)  # whatever a stage's later hooks need
 
 
 @dataclass
@@ -99,6 +100,10 @@ class Stage:
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         """Write stage-specific files beside the weights (generation config, chat template ...)."""
+
+    def after_training(self, ctx: StageContext, trainer: Any, data: PreparedData) -> dict[str, Any]:
+        """Work on the final model once it is saved and evaluated (every rank calls it); returns more metrics."""
+        return {}
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         return []
@@ -291,6 +296,7 @@ class Stage:
                 metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")})
             else:
                 metrics.update(trainer.evaluate())
+        metrics.update(self.after_training(ctx, trainer, data))
         if trainer.is_world_process_zero():
             plot_curves(out_dir / "metrics.jsonl", out_dir / "loss.png", ("loss", "eval_loss"), f"{self.name} loss")
         result["tokens_seen"] = trainer.state.num_input_tokens_seen

@@ -57,6 +57,14 @@ class SupervisedStage(Stage):
         if args.train.padding_free and args.train.include_num_input_tokens_seen == "non_padding":
             # Packed rows have no padding and no attention mask; counting ids != pad would skip real EOS tokens.
             args.train.include_num_input_tokens_seen = "all"
+        d = args.data
+        if d.predict_with_generate and not (
+            d.validation_file_dir or (args.train.do_eval and d.validation_split_percentage > 0)
+        ):
+            return [
+                "--predict_with_generate answers held-out conversations: give --validation_file_dir, "
+                "or --do_eval with --validation_split_percentage > 0"
+            ]
         return []
 
     def _template(self, ctx: StageContext) -> Any:
@@ -105,7 +113,9 @@ class SupervisedStage(Stage):
         key = f"{fingerprint_files(train_files + eval_files)}|{d}|{jinja_chat_template(template)}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         collator = PackedCollator() if ctx.args.train.padding_free else collator_for(ctx.tokenizer)
-        return PreparedData(train, evaluation, collator, fingerprint, stats, rejects)
+        return PreparedData(
+            train, evaluation, collator, fingerprint, stats, rejects, {"eval_conversations": eval_convs}
+        )
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
@@ -115,6 +125,29 @@ class SupervisedStage(Stage):
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         save_chat_files(ctx, self._template(ctx), output_dir)
+
+    def after_training(self, ctx: StageContext, trainer: Any, data: PreparedData) -> dict[str, Any]:
+        d = ctx.args.data
+        conversations = data.extras.get("eval_conversations") or []
+        if not (d.predict_with_generate and conversations):
+            return {}
+        metrics: dict[str, Any] = {}
+        if trainer.is_world_process_zero():
+            from tunestack.train.predict import PREDICTIONS_FILE, predict_with_generate
+
+            template = self._template(ctx)
+            metrics = predict_with_generate(
+                trainer.accelerator.unwrap_model(trainer.model),
+                ctx.tokenizer,
+                template,
+                stop_token_ids(template, ctx.tokenizer),
+                conversations,
+                Path(ctx.args.train.output_dir) / PREDICTIONS_FILE,
+                batch_size=ctx.args.train.per_device_eval_batch_size,
+                max_new_tokens=d.max_new_tokens,
+            )
+        trainer.accelerator.wait_for_everyone()
+        return metrics
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         s, m = data.stats, result["metrics"]
@@ -129,6 +162,11 @@ class SupervisedStage(Stage):
         ppl = perplexity_line(m, "eval perplexity on answers")
         if ppl:
             lines.append(ppl)
+        if "predict_bleu4" in m:
+            lines.append(
+                f"predictions on {m['predict_samples']} held-out conversations: BLEU-4 {m['predict_bleu4']:.2f}, "
+                f"ROUGE-L {m['predict_rouge_l']:.2f}, exact match {m['predict_exact_match']:.1f}% (predictions.jsonl)"
+            )
         return lines
 
 
