@@ -6,11 +6,14 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 # Offline always: nothing is fetched from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# PEFT reads the property transformers 5 deprecated whenever it wraps a model; nothing for a user to act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # command -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

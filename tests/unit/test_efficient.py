@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -10,7 +11,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tunestack.data.collators import PadCollator
-from tunestack.train.efficient import PackedCollator, document_position_ids, hf_model, trained_positions_loss
+from tunestack.train.efficient import (
+    DocumentCollator,
+    PackedCollator,
+    document_position_ids,
+    hf_model,
+    trained_positions_loss,
+)
 
 SAMPLES = [
     {"input_ids": [1, 5, 9, 14, 22, 7, 2], "labels": [-100, -100, -100, 14, 22, 7, 2]},
@@ -71,6 +78,69 @@ def test_packed_attention_stays_inside_each_sample(tiny_model):
             offset += n
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
+def test_varlen_attention_equals_the_block_diagonal_mask(tiny_models, family, monkeypatch):
+    """Per-sample SDPA on a packed row: the same loss and gradients as SDPA through transformers' packed mask,
+    and each sample's logits equal its logits when run alone."""
+    from tunestack.train import varlen
+
+    model = _lora(tiny_models[family])
+    packed = PackedCollator()(SAMPLES)
+    inputs = {**packed, "use_cache": False}  # with a cache, transformers does not detect packing
+    out = model(**inputs)
+    out.loss.backward()
+    reference_loss, reference_logits, reference = out.loss.detach(), out.logits.detach(), _grads(model)
+    model.zero_grad()
+
+    calls = []
+    monkeypatch.setattr(varlen.F, "scaled_dot_product_attention", _counting(calls))
+    with varlen.varlen_attention(model):
+        out = model(**inputs)
+        out.loss.backward()
+    assert hf_model(model).config._attn_implementation == "sdpa"  # restored after the block
+    layers = hf_model(model).config.num_hidden_layers
+    assert len(calls) == layers * len(SAMPLES), "attention did not run once per sample and layer"
+    assert max(calls) == max(len(s["input_ids"]) for s in SAMPLES)
+    assert torch.allclose(out.loss, reference_loss, atol=1e-5)
+    assert torch.allclose(out.logits, reference_logits, atol=1e-5)
+    for name, grad in _grads(model).items():
+        assert torch.allclose(grad, reference[name], atol=1e-5, rtol=1e-4), name
+    with torch.no_grad(), varlen.varlen_attention(model):
+        offset = 0
+        for sample in SAMPLES:
+            alone = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0]
+            n = len(sample["input_ids"])
+            assert torch.allclose(out.logits[0, offset : offset + n], alone, atol=1e-5)
+            offset += n
+
+
+def _counting(calls):
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return original(query, *args, **kwargs)
+
+    return sdpa
+
+
+def test_varlen_attention_leaves_padded_batches_and_generation_to_sdpa(tiny_model):
+    from tunestack.train.varlen import varlen_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    padded = PadCollator(pad_token_id=2)(SAMPLES)
+    prompt = {
+        "input_ids": torch.tensor([[2, 2, 1, 5, 9], [1, 30, 31, 40, 41]]),
+        "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1] * 5]),
+    }
+    with torch.no_grad():
+        expected = model(**padded).logits
+        greedy = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=2)
+        with varlen_attention(model):
+            assert torch.equal(model(**padded).logits, expected)
+            assert torch.equal(model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=2), greedy)
+
+
 def test_document_positions_restart_after_each_eos():
     ids = torch.tensor([[5, 6, 2, 7, 8, 9, 2, 4]])
     assert document_position_ids(ids, eos_id=2).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
@@ -121,3 +191,44 @@ def test_sft_losses_match_with_and_without_the_optimisations(cli, tiny_model, tm
         losses[name] = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses["fast"]) == 4
     assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-3)
+
+
+@pytest.mark.parametrize("varlen_on", [False, True], ids=["mask", "varlen"])
+def test_document_attention_loss_is_the_loss_of_each_document_alone(tiny_model, varlen_on):
+    """PT blocks with --document_attention: a block's loss is that of its documents run one by one."""
+    from tunestack.train.varlen import varlen_attention
+
+    documents = [[1, 5, 9, 14, 2], [1, 30, 31, 32, 33, 34, 2], [1, 40, 41, 2], [1, 50, 51, 52, 53, 54, 55, 56, 2]]
+    flat = [t for d in documents for t in d]  # 25 tokens: two blocks of 12, cut across documents like PT does
+    blocks = [{"input_ids": flat[:12], "labels": flat[:12]}, {"input_ids": flat[12:24], "labels": flat[12:24]}]
+    batch = DocumentCollator(pad_token_id=2, eos_token_id=2)(blocks)
+    assert "attention_mask" not in batch
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        with varlen_attention(model) if varlen_on else contextlib.nullcontext():
+            logits = model(**batch, use_cache=False).logits
+        got = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+        )
+        # Each block's pieces of documents, run alone; a piece's first token is never predicted.
+        expected, count = torch.zeros(()), 0
+        for block in blocks:
+            piece = []
+            for token in block["input_ids"]:
+                piece.append(token)
+                if token == 2:
+                    expected += _alone_loss(model, piece)
+                    count += len(piece) - 1
+                    piece = []
+            if piece:
+                expected += _alone_loss(model, piece)
+                count += len(piece) - 1
+    assert int((batch["labels"][:, 1:] != -100).sum()) == count
+    assert torch.allclose(got, expected, atol=1e-4), (got.item(), expected.item())
+
+
+def _alone_loss(model, ids):
+    if len(ids) < 2:
+        return torch.zeros(())
+    logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")

@@ -39,6 +39,13 @@ class TrainArguments(TrainingArguments):
     sparse_lm_head: bool = field(
         default=True, metadata={"help": "Run the output layer and loss only on trained positions, in chunks."}
     )
+    varlen_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Packed rows (--padding_free, --document_attention): attention runs per sample (causal SDPA on "
+            "each) instead of through a block-diagonal mask over the whole row."
+        },
+    )
     document_attention: bool = field(
         default=False,
         metadata={"help": "PT: restart positions at every document so packed documents do not attend to each other."},

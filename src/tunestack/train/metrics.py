@@ -26,13 +26,19 @@ def lm_metric_kwargs() -> dict[str, Any]:
     return {"compute_metrics": next_token_accuracy, "preprocess_logits_for_metrics": argmax_logits}
 
 
-def lm_trainer_mixins(train_args: Any, model: Any) -> tuple[type, ...]:
-    """The trained-positions loss for language-modelling stages, where the model allows it."""
+def lm_trainer_mixins(train_args: Any, model: Any, packed: bool) -> tuple[type, ...]:
+    """Trainer behaviour of language-modelling stages: the trained-positions loss where the model allows it,
+    and per-sample attention when batches are packed rows."""
     from tunestack.train.efficient import TrainedPositionsLossMixin, supports_trained_positions
 
+    mixins: tuple[type, ...] = ()
     if train_args.sparse_lm_head and supports_trained_positions(model):
-        return (TrainedPositionsLossMixin,)
-    return ()
+        mixins += (TrainedPositionsLossMixin,)
+    if packed and train_args.varlen_attention:
+        from tunestack.train.varlen import VarlenAttentionMixin
+
+        mixins += (VarlenAttentionMixin,)
+    return mixins
 
 
 def perplexity_line(metrics: dict[str, Any], label: str) -> str | None:

@@ -71,7 +71,7 @@ class PretrainStage(Stage):
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
-        return lm_trainer_mixins(ctx.args.train, model)
+        return lm_trainer_mixins(ctx.args.train, model, packed=ctx.args.train.document_attention)
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         s, m = data.stats, result["metrics"]

@@ -121,7 +121,7 @@ class SupervisedStage(Stage):
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
-        return lm_trainer_mixins(ctx.args.train, model)
+        return lm_trainer_mixins(ctx.args.train, model, packed=ctx.args.train.padding_free)
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         save_chat_files(ctx, self._template(ctx), output_dir)
