@@ -11,6 +11,9 @@ each in its own subprocess (peak RSS = that process's VmHWM), in alternating ord
   (c) tunestack         tunestack sft (padding-free batches + LM head on trained positions: the defaults)
   (d) tunestack-padded  tunestack sft --padding_free false --sparse_lm_head false (ablation)
   (e) tunestack-gc      tunestack sft --gradient_checkpointing true (only with --systems ...e)
+  (f) tunestack-mask    tunestack sft --varlen_attention false: packed rows attend through one block-diagonal
+                        mask instead of per sample (ablation; only with --systems ...f)
+  (g) tunestack-gc2     tunestack sft, gradient checkpointing of every other layer (only with --systems ...g)
 
 All systems train on exactly the same tokens: the assistant answers and their <|im_end|>. The data set
 holds steps x batch conversations, so every system sees each of them exactly once whatever its sampler.
@@ -43,6 +46,8 @@ SYSTEMS = {
     "c": ("tunestack", "tunestack sft"),
     "d": ("tunestack-padded", "tunestack sft, padded ablation"),
     "e": ("tunestack-gc", "tunestack sft + grad. checkpointing"),
+    "f": ("tunestack-mask", "tunestack sft, block-mask attention"),
+    "g": ("tunestack-gc2", "tunestack sft + checkpointing 1 layer in 2"),
 }
 LEARNING_RATE = 2e-4
 TRAIN_SEED = 42
@@ -216,12 +221,26 @@ def child_tunestack_gc(spec: dict[str, Any]) -> dict[str, Any]:
     return _tunestack(spec, ["--gradient_checkpointing", "true"])
 
 
+def child_tunestack_mask(spec: dict[str, Any]) -> dict[str, Any]:
+    """(f) tunestack sft with packed rows attending through transformers' block-diagonal mask."""
+    return _tunestack(spec, ["--varlen_attention", "false"])
+
+
+def child_tunestack_gc2(spec: dict[str, Any]) -> dict[str, Any]:
+    """(g) tunestack sft recomputing every other decoder layer in the backward pass."""
+    return _tunestack(
+        spec, ["--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
+    )
+
+
 CHILDREN = {
     "hf-padded": child_hf_padded,
     "trl-padding-free": child_trl_padding_free,
     "tunestack": child_tunestack,
     "tunestack-padded": child_tunestack_padded,
     "tunestack-gc": child_tunestack_gc,
+    "tunestack-mask": child_tunestack_mask,
+    "tunestack-gc2": child_tunestack_gc2,
 }
 
 
@@ -396,7 +415,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per system (order alternates each round)")
-    parser.add_argument("--systems", default="abcd", help="which of a b c d e to run, e.g. abc (default abcd)")
+    parser.add_argument("--systems", default="abcd", help="which of a b c d e f g to run, e.g. abc (default abcd)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--cutoff", type=int, default=512)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import logging
 import os
 import sys
 import warnings
@@ -14,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # PEFT reads the property transformers 5 deprecated whenever it wraps a model; nothing for a user to act on.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when it cannot (offline);
+# it falls back to its built-in kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # command -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -65,9 +65,24 @@ class TrainArguments(TrainingArguments):
             self.use_cpu = True
         import torch
 
-        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
-            # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input hooks.
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; the tutorial names stay
+        # first-class here (no deprecation warning), and the newer names work too.
+        gc, gc_kwargs = "gradient_checkpointing", "gradient_checkpointing_kwargs"
+        if hasattr(self, "activation_checkpointing"):
+            for old, new in ((gc, "activation_checkpointing"), (gc_kwargs, "activation_checkpointing_kwargs")):
+                if getattr(self, new) is None and getattr(self, old) is not None:
+                    setattr(self, new, getattr(self, old))
+                    setattr(self, old, None)
+            gc, gc_kwargs = "activation_checkpointing", "activation_checkpointing_kwargs"
+        if getattr(self, gc):
+            given = getattr(self, gc_kwargs) or {}
+            if isinstance(given, str):
+                import json
+
+                given = json.loads(given)
+            # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input hooks. Other keys
+            # pass through, e.g. {"every_n_layers": 2} to recompute only every other layer.
+            setattr(self, gc_kwargs, {"use_reentrant": False, **given})
         if (self.bf16 or self.fp16) and not self.use_cpu:
             if not torch.cuda.is_available():
                 # Mixed precision on a CPU-only machine: let torch autocast run on the CPU.
