@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import logging
 import os
 import sys
 import warnings

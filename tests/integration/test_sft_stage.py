@@ -223,3 +223,35 @@ def test_predict_with_generate_needs_held_out_data(cli, tiny_model, chat_dir, tm
     assert code == 2
     assert "--predict_with_generate answers held-out conversations" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_token_budget_batches(cli, tiny_model, chat_dir, tmp_path, monkeypatch):
+    from tunestack.train.efficient import TrainedPositionsLossMixin
+
+    rows = []
+    original = TrainedPositionsLossMixin.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        if model.training:
+            rows.append(inputs["input_ids"])
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(TrainedPositionsLossMixin, "compute_loss", spy)
+    budget = 64
+    code, stdout, err = _sft(
+        cli, tiny_model, chat_dir, tmp_path / "out", "--max_tokens_per_batch", budget, "--model_max_length", 32,
+        "--max_steps", -1, "--num_train_epochs", 2,
+    )  # fmt: skip
+    assert code == 0, err
+    assert rows and all(row.shape[0] == 1 and row.shape[1] <= budget for row in rows)
+    assert max(row.shape[1] for row in rows) > 32, "batches should hold several samples"
+    # Every training sample exactly once per epoch: each epoch's packed rows add up to the whole training set.
+    total = json.loads((tmp_path / "out" / "run.json").read_text())["data_stats"]["total_tokens"]
+    sizes = [row.shape[1] for row in rows]
+    half = next(i for i in range(len(sizes) + 1) if sum(sizes[:i]) == total)
+    assert sum(sizes[half:]) == total
+    # The second epoch is batched anew (reshuffled), not replayed.
+    assert [r.tolist() for r in rows[:half]] != [r.tolist() for r in rows[half:]]
+
+    code, _, err = _sft(cli, tiny_model, chat_dir, tmp_path / "bad", "--max_tokens_per_batch", 16)
+    assert code == 2 and "--max_tokens_per_batch 16 is less than --model_max_length 512" in err

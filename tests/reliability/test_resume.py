@@ -162,3 +162,35 @@ def test_non_finite_gradients_stop_before_the_weights_change(cli, tiny_model, pt
     assert code == 1
     assert "the gradients became nan at step 3" in err and "checkpoint-2" in err
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_token_budget_sft_resumes_in_its_second_epoch_like_an_uninterrupted_run(tiny_model, tmp_path):
+    """Batches cut to a token budget are rebuilt per epoch from the seed, so a resumed run sees the same ones."""
+    data = tmp_path / "chat"
+    data.mkdir()
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i}?" * (1 + i % 3)}, {"role": "assistant", "content": f"Answer {i}."}]}
+        for i in range(24)
+    ]  # fmt: skip
+    (data / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def args(out):
+        return [
+            "sft", "--model_name_or_path", str(tiny_model), "--train_file_dir", str(data), "--output_dir", str(out),
+            "--max_tokens_per_batch", "96", "--model_max_length", "48", "--num_train_epochs", "2",
+            "--save_steps", "2", "--learning_rate", "5e-3", "--logging_steps", "1", "--report_to", "none",
+            "--seed", "7",
+        ]  # fmt: skip
+
+    reference = _run(args(tmp_path / "a"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    total = json.loads((tmp_path / "a" / "run.json").read_text())["summary"]["global_step"]
+    per_epoch = total // 2
+    kill_at = per_epoch + 2 - per_epoch % 2  # a checkpoint step inside the second epoch
+    assert per_epoch < kill_at < total
+    killed = _run(args(tmp_path / "b"), fault="kill_after_save", step=kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _run(args(tmp_path / "b") + ["--resume_from_checkpoint", "true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint-{kill_at}" in resumed.stderr
+    _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))

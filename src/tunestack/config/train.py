@@ -39,6 +39,13 @@ class TrainArguments(TrainingArguments):
     sparse_lm_head: bool = field(
         default=True, metadata={"help": "Run the output layer and loss only on trained positions, in chunks."}
     )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "SFT: fill each batch with samples up to this many tokens (packed; padded tokens without "
+            "--padding_free) instead of --per_device_train_batch_size samples."
+        },
+    )
     varlen_attention: bool = field(
         default=True,
         metadata={

@@ -341,7 +341,14 @@ def planned_steps(train: TrainArguments, dataset: Any) -> int:
     except TypeError:
         raise ConfigError("streaming data has no length: set --max_steps") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    batches = math.ceil(n / (train.per_device_train_batch_size * world))
+    if getattr(train, "max_tokens_per_batch", None):
+        from tunestack.train.batching import TokenBudgetBatchSampler, sample_lengths
+
+        lengths = sample_lengths(dataset)
+        budget = max(train.max_tokens_per_batch, max(lengths, default=1))
+        batches = len(TokenBudgetBatchSampler(lengths, budget, seed=train.seed, num_replicas=world))
+    else:
+        batches = math.ceil(n / (train.per_device_train_batch_size * world))
     return max(1, math.ceil(batches / train.gradient_accumulation_steps) * math.ceil(train.num_train_epochs))
 
 

@@ -58,6 +58,12 @@ class SupervisedStage(Stage):
             # Packed rows have no padding and no attention mask; counting ids != pad would skip real EOS tokens.
             args.train.include_num_input_tokens_seen = "all"
         d = args.data
+        budget = args.train.max_tokens_per_batch
+        if budget is not None and budget < d.model_max_length:
+            return [
+                f"--max_tokens_per_batch {budget} is less than --model_max_length {d.model_max_length}: "
+                "every sample must fit in a batch"
+            ]
         if d.predict_with_generate and not (
             d.validation_file_dir or (args.train.do_eval and d.validation_split_percentage > 0)
         ):
@@ -121,7 +127,9 @@ class SupervisedStage(Stage):
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
-        return lm_trainer_mixins(ctx.args.train, model, packed=ctx.args.train.padding_free)
+        from tunestack.train.batching import TokenBudgetMixin
+
+        return (TokenBudgetMixin, *lm_trainer_mixins(ctx.args.train, model, packed=ctx.args.train.padding_free))
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         save_chat_files(ctx, self._template(ctx), output_dir)
