@@ -103,7 +103,7 @@ def apply_tuning(
         path = Path(tuning.peft_path)
         if not (path / "adapter_config.json").exists():
             raise ConfigError(f"--peft_path {path}: no adapter_config.json there")
-        return PeftModel.from_pretrained(model, path, is_trainable=True)
+        return _fused(PeftModel.from_pretrained(model, path, is_trainable=True), tuning)
     targets = _lora_targets(model, tuning)
     common = dict(
         target_modules=targets,
@@ -126,7 +126,15 @@ def apply_tuning(
         config = LoraConfig(
             r=tuning.lora_rank, use_dora=method == "dora" or tuning.use_dora, use_rslora=tuning.use_rslora, **common
         )
-    return get_peft_model(model, config)
+    return _fused(get_peft_model(model, config), tuning)
+
+
+def _fused(model: nn.Module, tuning: Any) -> nn.Module:
+    if getattr(tuning, "fused_lora_dropout", False):
+        from tunestack.model.lora_dropout import fuse_lora_dropout
+
+        fuse_lora_dropout(model)
+    return model
 
 
 def _split(value: str | None) -> list[str] | None:
