@@ -8,8 +8,8 @@ LoRA step keeps (1.2 of 2.5 MB per token for SmolLM2), and writing them costs ti
 `DropoutLinear` computes `linear(x * mask / (1 - p), A)` in one autograd function that keeps `x`
 itself (the very tensor q, k and v share, so it is kept once) and a one-byte mask, and recomputes the
 dropped-out input in backward. Same masks distribution, same values, same gradients as PEFT's path
-(tests/unit/test_lora_dropout.py); off with `--fused_lora_dropout false`. Under autocast, in eval
-mode or with p = 0 it is the plain computation.
+(tests/unit/test_lora_dropout.py); off with `--fused_lora_dropout false`. Under autocast, without
+gradients, in eval mode or with p = 0 it is the plain computation.
 """
 
 from __future__ import annotations
@@ -47,22 +47,31 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float, keep: torch.
     return _DropoutLinearFunction.apply(x, weight, keep, 1.0 / (1.0 - p))
 
 
-class DropoutLinear(nn.Linear):
-    """A LoRA `lora_A` that applies the layer's dropout itself (its `lora_dropout` becomes Identity)."""
-
-    dropout_p: float = 0.0
+class DeferredDropout(nn.Dropout):
+    """Stands in for the layer's `lora_dropout`: passes x through; `lora_A` applies its `p`. Still an nn.Dropout,
+    so whatever switches dropout off model-wide (TRL's disable_dropout sets p = 0) reaches the fused path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class DropoutLinear(nn.Linear):
+    """A LoRA `lora_A` that applies its layer's dropout itself."""
+
+    deferred: DeferredDropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.deferred.p
         plain = (
             not self.training
-            or self.dropout_p == 0
+            or p == 0
             or self.bias is not None
             or torch.is_autocast_enabled(x.device.type)
             or not torch.is_grad_enabled()
         )
         if plain:
-            return F.linear(F.dropout(x, self.dropout_p, self.training), self.weight, self.bias)
-        return dropout_linear(x, self.weight, self.dropout_p)
+            return F.linear(F.dropout(x, p, self.training), self.weight, self.bias)
+        return dropout_linear(x, self.weight, p)
 
 
 def fuse_lora_dropout(model: nn.Module) -> int:
@@ -75,15 +84,12 @@ def fuse_lora_dropout(model: nn.Module) -> int:
         variants = getattr(module, "lora_variant", {}) or {}
         for name, linear in lora_a.items():
             dropout = dropouts[name] if name in dropouts else None
-            if (
-                name in variants
-                or type(linear) is not nn.Linear
-                or not isinstance(dropout, nn.Dropout)
-                or dropout.p == 0
-            ):
+            if name in variants or type(linear) is not nn.Linear or type(dropout) is not nn.Dropout or dropout.p == 0:
                 continue
+            deferred = DeferredDropout(dropout.p)
+            deferred.train(dropout.training)
+            dropouts[name] = deferred
             linear.__class__ = DropoutLinear  # same parameters and state-dict keys; only forward changes
-            linear.dropout_p = dropout.p
-            dropouts[name] = nn.Identity()
+            object.__setattr__(linear, "deferred", deferred)  # a reference, not a second child module
             fused += 1
     return fused
