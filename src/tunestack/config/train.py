@@ -34,10 +34,11 @@ class TrainArguments(TrainingArguments):
     # tunestack additions.
     padding_free: bool = field(
         default=True,
-        metadata={"help": "SFT: concatenate each batch into one row (no padding; attention stays per sample)."},
+        metadata={"help": "SFT and DPO: concatenate each batch into one row (no padding; attention stays per sample)."},
     )
     sparse_lm_head: bool = field(
-        default=True, metadata={"help": "Run the output layer and loss only on trained positions, in chunks."}
+        default=True,
+        metadata={"help": "Run the output layer only on trained positions (answers, DPO completions), in chunks."},
     )
     max_tokens_per_batch: int | None = field(
         default=None,

@@ -118,6 +118,19 @@ class DPOStage(PreferenceStage):
         loss = self._loss()
         return _reference_free_trainer_class(loss) if loss in REFERENCE_FREE_LOSSES else _dpo_trainer_class()
 
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        train = ctx.args.train
+        if self._loss() in REFERENCE_FREE_LOSSES or not (train.padding_free and train.sparse_lm_head):
+            return ()
+        from tunestack.train.packed_logps import PackedPreferenceMixin
+
+        mixins: tuple[type, ...] = (PackedPreferenceMixin,)
+        if train.varlen_attention:
+            from tunestack.train.varlen import VarlenAttentionMixin
+
+            mixins += (VarlenAttentionMixin,)
+        return mixins
+
     def trainer_args(self, ctx: StageContext) -> Any:
         d, train, loss = ctx.args.data, ctx.args.train, self._loss()
         longest = d.max_source_length + d.max_target_length  # our encoding already bounds every pair

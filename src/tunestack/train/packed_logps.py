@@ -1,0 +1,112 @@
+"""Per-token log-probabilities of preference completions with no padding and the output layer only where scored.
+
+TRL's DPOTrainer asks the model for per-token log-probs of a padded batch (chosen rows, then rejected
+rows) through `model(..., labels=labels, fused_lm_head=True).log_probs`. On a CPU its fused head scores
+every position of the padded batch, prompts and padding included. Here the same call packs the real
+tokens of all rows into one row (positions restart per row, so attention stays inside each sequence),
+runs the decoder once, applies the output layer in checkpointed chunks only to the positions whose
+next token is a scored completion token, and scatters the results back into the padded layout TRL
+expects. Same values and gradients (tests/unit/test_packed_logps.py); `--padding_free false` or
+`--sparse_lm_head false` keep TRL's path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from tunestack.train.efficient import IGNORE_INDEX, hf_model, supports_trained_positions
+
+MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache"}
+
+
+STATS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer reads from the output
+
+
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """Log-prob of each target, plus entropy, mean logit and whether the target is the argmax (for TRL's logs)."""
+    logits = head(hidden).float()
+    log_probs = logits.log_softmax(-1)
+    picked = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        stats = torch.stack([entropy, logits.mean(-1), (logits.argmax(-1) == targets).float()])
+    return torch.cat([picked[None], stats])
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int = 1024
+) -> torch.Tensor:
+    """[4, n]: log-probs of `targets` (differentiable), entropy, mean logit, top-1 hit; head run in chunks."""
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_logprobs, h, t, head, use_reentrant=False))
+        else:
+            parts.append(_head_logprobs(h, t, head))
+    return torch.cat(parts, dim=1) if parts else hidden.new_zeros(len(STATS), 0, dtype=torch.float32)
+
+
+def packed_completion_logps(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """{stat: [rows, width - 1]} for STATS: entry (r, j) is about labels[r, j + 1]; 0 where that label is -100."""
+    rows, width = input_ids.shape
+    keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    flat = keep.reshape(-1).nonzero().squeeze(1)  # real tokens, row after row
+    ids = input_ids.reshape(-1)[flat]
+    positions = (keep.long().cumsum(1) - 1).reshape(-1)[flat]
+    # The target of packed token k is the label of token k + 1, unless token k + 1 starts the next row.
+    label = labels.reshape(-1)[flat]
+    target = torch.full_like(label, IGNORE_INDEX)
+    target[:-1] = torch.where(positions[1:] == 0, IGNORE_INDEX, label[1:])
+    base = hf_model(model)
+    hidden = base.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state
+    scored = (target != IGNORE_INDEX).nonzero().squeeze(1)
+    values = chunked_logprobs(hidden[0, scored], target[scored], base.get_output_embeddings())
+    where = (flat[scored + 1],)  # back to the padded position of the scored token
+    out = {}
+    for name, value in zip(STATS, values, strict=True):
+        padded = hidden.new_zeros(rows * width, dtype=torch.float32).index_put(where, value)
+        out[name] = padded.view(rows, width)[:, 1:]
+    out["is_top1"] = out["is_top1"].bool()
+    return out
+
+
+def use_packed_logps(model: Any) -> bool:
+    """Route `fused_lm_head=True` calls of `model` (after TRL patched it) through `packed_completion_logps`."""
+    base = hf_model(model)
+    if not supports_trained_positions(base):
+        return False
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fused_forward = base.forward
+
+    @functools.wraps(fused_forward)  # keep the signature: generate and column filtering read it
+    def forward(*args: Any, fused_lm_head: bool = False, labels: Any = None, **kwargs: Any) -> Any:
+        given = {k: v for k, v in kwargs.items() if v is not None}  # PEFT passes its unused options as None
+        if not fused_lm_head or args or labels is None or "input_ids" not in given or not set(given) <= MODEL_KWARGS:
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        stats = packed_completion_logps(base, given["input_ids"], given.get("attention_mask"), labels)
+        mask = labels[:, 1:] != IGNORE_INDEX
+        loss = -stats["log_probs"].sum() / mask.sum().clamp(min=1)
+        return FusedCausalLMOutput(loss=loss, label_mask=mask, **stats)
+
+    base.forward = forward
+    return True
+
+
+class PackedPreferenceMixin:
+    """DPOTrainer whose policy (and reference) score completions with `packed_completion_logps`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if getattr(self, "use_weighting", False):
+            return  # WPO weights need log_sum_sq_probs: TRL's own head computes them
+        use_packed_logps(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            use_packed_logps(self.ref_model)

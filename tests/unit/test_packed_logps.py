@@ -1,0 +1,74 @@
+"""Preference log-probs from one packed row and a completion-only head equal TRL's padded fused head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from tunestack.train.packed_logps import use_packed_logps
+
+# Four rows (two chosen, two rejected), right-padded with 0; the first tokens of each row are prompt.
+ROWS = [[1, 5, 9, 14, 22, 7, 2], [1, 30, 31, 2], [1, 5, 9, 40, 2], [1, 30, 31, 50, 51, 52, 53, 2]]
+PROMPT = [3, 3, 3, 3]
+
+
+def _batch():
+    width = max(map(len, ROWS))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in ROWS])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ROWS])
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, n in enumerate(PROMPT):
+        labels[i, :n] = -100
+    return ids, mask, labels
+
+
+def _model(model_dir):
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))  # as DPOTrainer does
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _logps_and_grads(model, ids, mask, labels):
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+    chosen, rejected = out.log_probs.sum(1).chunk(2)
+    (-(torch.nn.functional.logsigmoid(chosen - rejected)).mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
+def test_packed_logps_equal_trls_padded_fused_head(tiny_models, family, monkeypatch):
+    from tunestack.train import packed_logps
+
+    model = _model(tiny_models[family])
+    ids, mask, labels = _batch()
+    expected, expected_grads = _logps_and_grads(model, ids, mask, labels)
+
+    assert use_packed_logps(model)
+    heads = []
+    original = packed_logps._head_logprobs
+    monkeypatch.setattr(packed_logps, "_head_logprobs", lambda h, t, head: heads.append(len(h)) or original(h, t, head))
+    got, grads = _logps_and_grads(model, ids, mask, labels)
+    scored = labels[:, 1:] != -100
+    for stat in ("log_probs", "entropy", "mean_logits", "is_top1"):  # all that TRL's DPOTrainer reads
+        a, b = getattr(got, stat).detach(), getattr(expected, stat).detach()
+        assert a.shape == b.shape and a.dtype == b.dtype, stat
+        a, b = a.float(), b.float()
+        assert torch.allclose(a[scored], b[scored], atol=1e-4), stat
+    assert (got.log_probs[~scored] == 0).all()
+    # The output layer ran only on the scored completion tokens (again in backward: the chunks are checkpointed).
+    assert set(heads) == {int((labels[:, 1:] != -100).sum())}
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=1e-4), name
+    # Calls without fused_lm_head are the model's own forward.
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (*ids.shape, model.config.vocab_size)
