@@ -54,6 +54,13 @@ class RLArguments:
     missing_eos_penalty: float | None = field(
         default=1.0, metadata={"help": "Subtracted from the reward of a response that never emits the stop token."}
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Switch dropout off in the policy: the PPO ratio and GRPO/RLOO log-probs compare the same "
+            "network, which dropout would make noisy."
+        },
+    )
     early_stopping: bool = field(
         default=False, metadata={"help": "End a PPO epoch early when KL runs past 1.5x --target_kl."}
     )

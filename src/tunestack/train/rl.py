@@ -27,6 +27,15 @@ from tunestack.train.sft import save_chat_files
 logger = logging.getLogger("tunestack")
 
 
+def disable_dropout(model: Any) -> None:
+    """p = 0 for every dropout module (LoRA's included), as TRL's disable_dropout does."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 class PromptEncoder:
     """Prompt -> ids with the SFT template (the policy sees what it was trained on), keeping the end."""
 
@@ -112,6 +121,7 @@ class RLStage(Stage):
             max_completion_length=d.max_target_length,
             temperature=d.temperature,
             beta=d.init_kl_coef,
+            disable_dropout=d.disable_dropout,
         )
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
@@ -171,6 +181,8 @@ class RLStage(Stage):
             return total_reward(functions, prompts, completions, completions_with_stop=completions_with_stop)
 
         settings = self._settings(args, len(data.train))
+        if args.data.disable_dropout:
+            disable_dropout(model)
         ref_model = None
         if not hasattr(model, "disable_adapter"):  # full / freeze tuning: a frozen copy is the reference
             import copy
