@@ -57,21 +57,21 @@ class SupervisedStage(Stage):
         if args.train.padding_free and args.train.include_num_input_tokens_seen == "non_padding":
             # Packed rows have no padding and no attention mask; counting ids != pad would skip real EOS tokens.
             args.train.include_num_input_tokens_seen = "all"
-        d = args.data
+        d, problems = args.data, []
         budget = args.train.max_tokens_per_batch
         if budget is not None and budget < d.model_max_length:
-            return [
+            problems.append(
                 f"--max_tokens_per_batch {budget} is less than --model_max_length {d.model_max_length}: "
                 "every sample must fit in a batch"
-            ]
+            )
         if d.predict_with_generate and not (
             d.validation_file_dir or (args.train.do_eval and d.validation_split_percentage > 0)
         ):
-            return [
+            problems.append(
                 "--predict_with_generate answers held-out conversations: give --validation_file_dir, "
                 "or --do_eval with --validation_split_percentage > 0"
-            ]
-        return []
+            )
+        return problems
 
     def _template(self, ctx: StageContext) -> Any:
         return get_template(ctx.args.data.template_name, ctx.tokenizer)
