@@ -46,10 +46,16 @@ def _held_out_margin(out) -> tuple[float, float]:
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
-def test_rm_learns_the_preference_rule(cli, tiny_model, data, tmp_path):
+def test_rm_learns_the_preference_rule(cli, tiny_model, data, tmp_path, monkeypatch):
+    from tunestack.train import packed_scores
+
+    packed_calls = []
+    original = packed_scores.packed_scores
+    monkeypatch.setattr(packed_scores, "packed_scores", lambda *a: packed_calls.append(1) or original(*a))
     out = tmp_path / "rm"
     code, stdout, err = _rm(cli, tiny_model, data, out)
     assert code == 0, err[-2000:]
+    assert packed_calls, "training should score padding-free packed rows"
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stage"] == "rm" and manifest["status"] == "complete"
     assert manifest["reward_head"] == "sequence_classification"
@@ -60,6 +66,7 @@ def test_rm_learns_the_preference_rule(cli, tiny_model, data, tmp_path):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
     assert (out / "chat_template.jinja").exists() and (out / "metrics.jsonl").exists()
     assert "held-out pairwise accuracy" in stdout
+    # The saved model scored the usual padded way agrees with the packed scores of the training-time eval.
     accuracy, margin = _held_out_margin(out)
     assert accuracy == pytest.approx(m["eval_pairwise_accuracy"]) and margin == pytest.approx(
         m["eval_mean_margin"], abs=1e-4
@@ -79,6 +86,7 @@ def test_value_head_trains_saves_and_reloads(cli, tiny_model, data, tmp_path, me
     m = manifest["metrics"]
     assert m["eval_pairwise_accuracy"] >= 0.8
     # Scores of the reloaded model equal those the trained model gave in memory at the end of training.
+    # The saved model scored the usual padded way agrees with the packed scores of the training-time eval.
     accuracy, margin = _held_out_margin(out)
     assert accuracy == pytest.approx(m["eval_pairwise_accuracy"])
     assert margin == pytest.approx(m["eval_mean_margin"], abs=1e-4)

@@ -34,11 +34,13 @@ class TrainArguments(TrainingArguments):
     # tunestack additions.
     padding_free: bool = field(
         default=True,
-        metadata={"help": "SFT and DPO: concatenate each batch into one row (no padding; attention stays per sample)."},
+        metadata={
+            "help": "SFT, RM and DPO: concatenate each batch into one row (no padding; attention stays per sample)."
+        },
     )
     sparse_lm_head: bool = field(
         default=True,
-        metadata={"help": "Run the output layer only on trained positions (answers, DPO completions), in chunks."},
+        metadata={"help": "Run the output layer only where it counts (answers, DPO completions), in chunks."},
     )
     max_tokens_per_batch: int | None = field(
         default=None,

@@ -150,6 +150,19 @@ class RewardModelStage(PreferenceStage):
     def trainer_class(self) -> type:
         return _reward_trainer_class()
 
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        train = ctx.args.train
+        if self._head(ctx) == VALUE_HEAD or not train.padding_free:
+            return ()
+        from tunestack.train.packed_scores import PackedRewardMixin
+
+        mixins: tuple[type, ...] = (PackedRewardMixin,)
+        if train.varlen_attention:
+            from tunestack.train.varlen import VarlenAttentionMixin
+
+            mixins += (VarlenAttentionMixin,)
+        return mixins
+
     def trainer_args(self, ctx: StageContext) -> Any:
         from trl import RewardConfig
 

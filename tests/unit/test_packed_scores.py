@@ -1,0 +1,57 @@
+"""Reward scores from one packed row equal transformers' padded sequence-classification scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+from tunestack.train.packed_scores import use_packed_scores
+
+# Chosen, chosen, rejected, rejected; right-padded with the pad id 2 (= EOS, as in many chat models).
+ROWS = [[1, 5, 9, 14, 22, 7, 2], [1, 30, 31, 2], [1, 5, 9, 40, 2], [1, 30, 31, 50, 51, 52, 53, 2]]
+
+
+def _batch():
+    width = max(map(len, ROWS))
+    ids = torch.tensor([r + [2] * (width - len(r)) for r in ROWS])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ROWS])
+    return ids, mask
+
+
+def _scores_and_grads(model, ids, mask):
+    scores = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1)
+    chosen, rejected = scores.chunk(2)
+    (-torch.nn.functional.logsigmoid(chosen - rejected).mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return scores.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_scores_equal_padded_scores(tiny_models, family, monkeypatch):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models[family], num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = 2
+    model = get_peft_model(
+        model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ids, mask = _batch()
+    expected, expected_grads = _scores_and_grads(model, ids, mask)
+
+    assert use_packed_scores(model)
+    widths = []
+    base = model.get_base_model()
+    backbone = getattr(base, base.base_model_prefix)
+    handle = backbone.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple((kw.get("input_ids") if "input_ids" in kw else a[0]).shape)), with_kwargs=True)
+    scores, grads = _scores_and_grads(model, ids, mask)
+    handle.remove()
+    assert widths == [(1, sum(map(len, ROWS)))], "the decoder should run once on the packed real tokens"
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=1e-4), name
