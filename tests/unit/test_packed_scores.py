@@ -47,7 +47,11 @@ def test_packed_scores_equal_padded_scores(tiny_models, family, monkeypatch):
     widths = []
     base = model.get_base_model()
     backbone = getattr(base, base.base_model_prefix)
-    handle = backbone.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple((kw.get("input_ids") if "input_ids" in kw else a[0]).shape)), with_kwargs=True)
+
+    def record(module, args, kwargs):  # transformers passes input_ids positionally, the packed path by name
+        widths.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
+
+    handle = backbone.register_forward_pre_hook(record, with_kwargs=True)
     scores, grads = _scores_and_grads(model, ids, mask)
     handle.remove()
     assert widths == [(1, sum(map(len, ROWS)))], "the decoder should run once on the packed real tokens"
