@@ -11,22 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from rewards import QUESTIONS  # tests/fixtures, on sys.path from conftest
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 STEPS, BATCH = 4, 4
-QUESTIONS = [
-    "Who are you?",
-    "What does the heart do?",
-    "Is aspirin safe?",
-    "How do I stay healthy?",
-    "What is a fever?",
-    "Why sleep?",
-    "What is blood?",
-    "How do lungs work?",
-]
 
 
 def test_ppo_under_torchrun_on_two_cpu_ranks(tiny_model: Path, tmp_path: Path) -> None:

@@ -10,18 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from rewards import QUESTIONS  # tests/fixtures, on sys.path from conftest
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-QUESTIONS = [
-    "Who are you?",
-    "What does the heart do?",
-    "Is aspirin safe?",
-    "How do I stay healthy?",
-    "What is a fever?",
-    "Why sleep?",
-    "What is blood?",
-    "How do lungs work?",
-]
 
 
 @pytest.fixture
