@@ -45,6 +45,14 @@ class PackedCollator:
         }
 
 
+def packed_positions(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a padded batch's mask of real tokens: their flat indices, row after row, and their position ids
+    (restarting at 0 in every row), so the real tokens can run as one packed row and be scattered back."""
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+    positions = (keep.long().cumsum(1) - 1).reshape(-1)[flat]
+    return flat, positions
+
+
 def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Position ids that restart after every EOS, so packed documents do not attend to each other."""
     batch, length = input_ids.shape

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tunestack.train.efficient import IGNORE_INDEX, hf_model, supports_trained_positions
+from tunestack.train.efficient import IGNORE_INDEX, hf_model, packed_positions, supports_trained_positions
 
 MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache"}
 
@@ -57,9 +57,8 @@ def packed_completion_logps(
     """{stat: [rows, width - 1]} for STATS: entry (r, j) is about labels[r, j + 1]; 0 where that label is -100."""
     rows, width = input_ids.shape
     keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    flat = keep.reshape(-1).nonzero().squeeze(1)  # real tokens, row after row
+    flat, positions = packed_positions(keep)
     ids = input_ids.reshape(-1)[flat]
-    positions = (keep.long().cumsum(1) - 1).reshape(-1)[flat]
     # The target of packed token k is the label of token k + 1, unless token k + 1 starts the next row.
     label = labels.reshape(-1)[flat]
     target = torch.full_like(label, IGNORE_INDEX)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tunestack.train.efficient import hf_model
+from tunestack.train.efficient import hf_model, packed_positions
 
 MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache", "return_dict"}
 
@@ -34,8 +34,7 @@ def packed_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     pooled = (torch.arange(width, device=input_ids.device) * non_pad).argmax(-1)
     if bool((pooled >= lengths).any()):
         return None
-    flat = keep.reshape(-1).nonzero().squeeze(1)
-    positions = (keep.long().cumsum(1) - 1).reshape(-1)[flat]
+    flat, positions = packed_positions(keep)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids.reshape(-1)[flat][None], position_ids=positions[None], use_cache=False
