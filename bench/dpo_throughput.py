@@ -88,8 +88,11 @@ def child_trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_tunestack_dpo(spec: dict[str, Any]) -> dict[str, Any]:
     """(b) tunestack dpo with the same settings."""
-    probe = common.install_probe()
+    # Import the CLI first, as the `tunestack` command does: it sets process-wide settings (the allocator's)
+    # that torch reads when it is first imported.
     from tunestack.cli import main
+
+    probe = common.install_probe()
 
     argv = [
         "dpo", "--model_name_or_path", spec["model"], "--train_file_dir", str(Path(spec["data"]).parent),

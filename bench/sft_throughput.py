@@ -186,8 +186,11 @@ def child_trl_padding_free(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tunestack(spec: dict[str, Any], extra: list[str]) -> dict[str, Any]:
-    probe = common.install_probe()
+    # Import the CLI first, as the `tunestack` command does: it sets process-wide settings (the allocator's)
+    # that torch reads when it is first imported.
     from tunestack.cli import main
+
+    probe = common.install_probe()
 
     argv = [
         "sft", "--model_name_or_path", spec["model"], "--train_file_dir", spec["raw_dir"],

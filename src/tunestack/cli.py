@@ -12,6 +12,13 @@ from collections.abc import Callable
 # Offline always: nothing is fetched from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# torch's CPU allocator: page-aligned blocks, and transparent huge pages (madvise) for blocks of 2 MB and more.
+# A CPU training step allocates and frees gigabytes of activations; with glibc's default small, unaligned blocks
+# the freed holes fragment the heap. Measured on SmolLM2 LoRA SFT (bench/README.md): peak RSS 5.5 -> 3.9 GB and
+# a faster step. Read once, when torch first allocates, so it must be set before torch is imported; an explicit
+# THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # PEFT reads the property transformers 5 deprecated whenever it wraps a model; nothing for a user to act on.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 # bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when it cannot (offline);
