@@ -205,7 +205,14 @@ def child_baseline_train(spec: dict[str, Any]) -> dict[str, Any]:
     return {"train_runtime": metrics["train_runtime"], "tokens": tokens, "cuda_peak_mb": _cuda_peak_mb()}
 
 
+def _default_tokenizer_threads() -> None:
+    """Tokenization runs with the library defaults: the runner turns the tokenizers' thread pool off for the
+    training children (forked data workers), but the recipe measured here leaves it on, so both systems do."""
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
 def child_tunestack_tokenize(spec: dict[str, Any]) -> dict[str, Any]:
+    _default_tokenizer_threads()
     from transformers import AutoTokenizer
 
     from tunestack.data.pretrain import cut_blocks, tokenize_files
@@ -220,6 +227,7 @@ def child_tunestack_tokenize(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_tunestack_corpus(spec: dict[str, Any]) -> dict[str, Any]:
+    _default_tokenizer_threads()
     from transformers import AutoTokenizer
 
     from tunestack.config.pretrain import PretrainDataArguments
@@ -234,6 +242,7 @@ def child_tunestack_corpus(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_baseline_tokenize(spec: dict[str, Any]) -> dict[str, Any]:
+    _default_tokenizer_threads()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])

@@ -13,7 +13,9 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -70,30 +72,94 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _encode_documents(docs: list[str], tokenizer: Any) -> list[np.ndarray]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    encoded = tokenizer(docs, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return [np.asarray(bos + ids + eos, dtype=np.int32) for ids in encoded]
+class DocumentEncoder:
+    """Documents -> one int32 array of their tokens, each document wrapped in BOS/EOS when the tokenizer has them.
+
+    A fast tokenizer's backend is called directly with `encode_batch_fast` (no character offsets, no
+    transformers wrapper: about twice as fast), once checked to give the same ids as the tokenizer's own
+    call on the first batch; any other tokenizer is called the usual way.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast = getattr(backend, "encode_batch_fast", None)
+        self._checked = self._fast is None
+
+    def _ids_slow(self, docs: list[str]) -> list[list[int]]:
+        return self.tokenizer(docs, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    def _ids_fast(self, docs: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._fast(docs, add_special_tokens=False)]
+
+    def ids(self, docs: list[str]) -> list[list[int]]:
+        if not self._checked:
+            self._checked = True
+            probe = docs[:64]
+            if self._ids_fast(probe) != self._ids_slow(probe):
+                logger.debug("tokenizer backend differs from the tokenizer's own call; using the latter")
+                self._fast = None
+        return self._ids_fast(docs) if self._fast is not None else self._ids_slow(docs)
+
+    def __call__(self, docs: list[str]) -> np.ndarray:
+        return self.join(self.ids(docs))
+
+    def join(self, ids: list[list[int]]) -> np.ndarray:
+        """Concatenate per-document ids with BOS/EOS around each, without a Python list per document."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        body = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        extra = (self.bos is not None) + (self.eos is not None)
+        if not extra:
+            return body
+        ends = np.cumsum(lengths + extra)
+        out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+        body_at = np.ones(len(out), dtype=bool)
+        if self.bos is not None:
+            starts = ends - lengths - extra
+            out[starts] = self.bos
+            body_at[starts] = False
+        if self.eos is not None:
+            out[ends - 1] = self.eos
+            body_at[ends - 1] = False
+        out[body_at] = body
+        return out
 
 
-def tokenize_files(files: list[Path], tokenizer: Any, text_field: str, keep_linebreaks: bool) -> tuple[np.ndarray, int]:
-    """All documents of `files`, tokenized and concatenated. Returns (token array, document count)."""
+def _document_batches(files: list[Path], text_field: str, keep_linebreaks: bool, size: int) -> Iterator[list[str]]:
     from tqdm.auto import tqdm
 
-    chunks: list[np.ndarray] = []
-    n_docs = 0
     batch: list[str] = []
     for path in tqdm(files, desc="tokenizing", unit="file", disable=len(files) < 2):
         for doc in iter_documents(path, text_field, keep_linebreaks):
             batch.append(doc)
-            if len(batch) >= _BATCH_DOCS:
-                chunks.extend(_encode_documents(batch, tokenizer))
-                n_docs += len(batch)
+            if len(batch) >= size:
+                yield batch
                 batch = []
     if batch:
-        chunks.extend(_encode_documents(batch, tokenizer))
-        n_docs += len(batch)
+        yield batch
+
+
+def tokenize_files(files: list[Path], tokenizer: Any, text_field: str, keep_linebreaks: bool) -> tuple[np.ndarray, int]:
+    """All documents of `files`, tokenized and concatenated. Returns (token array, document count).
+
+    The tokenizer encodes the next batch in a second thread while this one turns the last batch's ids
+    into numpy: the Rust encoder releases the GIL, so the two overlap.
+    """
+    encode = DocumentEncoder(tokenizer)
+    chunks: list[np.ndarray] = []
+    n_docs = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in _document_batches(files, text_field, keep_linebreaks, _BATCH_DOCS):
+            n_docs += len(batch)
+            future = pool.submit(encode.ids, batch)
+            if pending is not None:
+                chunks.append(encode.join(pending.result()))
+            pending = future
+        if pending is not None:
+            chunks.append(encode.join(pending.result()))
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     return tokens, n_docs
 
@@ -219,19 +285,20 @@ def load_pretrain_corpus(
 
 def stream_blocks(files: list[Path], tokenizer: Any, data_args: Any, block_size: int) -> Iterator[dict[str, list[int]]]:
     """Blocks produced on the fly, for corpora bigger than memory."""
+    encode = DocumentEncoder(tokenizer)
     buffer = np.zeros(0, dtype=np.int32)
     for path in files:
         batch: list[str] = []
         for doc in iter_documents(path, data_args.text_field, data_args.keep_linebreaks):
             batch.append(doc)
             if len(batch) >= 256:
-                buffer = np.concatenate([buffer, *_encode_documents(batch, tokenizer)])
+                buffer = np.concatenate([buffer, encode(batch)])
                 batch = []
                 while len(buffer) >= block_size:
                     yield {"input_ids": buffer[:block_size].tolist()}
                     buffer = buffer[block_size:]
         if batch:
-            buffer = np.concatenate([buffer, *_encode_documents(batch, tokenizer)])
+            buffer = np.concatenate([buffer, encode(batch)])
         while len(buffer) >= block_size:
             yield {"input_ids": buffer[:block_size].tolist()}
             buffer = buffer[block_size:]
