@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM
 from tunestack.data.collators import PadCollator
 from tunestack.train.efficient import (
     DocumentCollator,
+    LinearCrossEntropy,
     PackedCollator,
     document_position_ids,
     hf_model,
+    plain_linear_head,
     trained_positions_loss,
 )
 
@@ -29,7 +31,11 @@ SAMPLES = [
 def _lora(model_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0))
+    return _lora_with(model, ["q_proj", "v_proj", "down_proj"])
+
+
+def _lora_with(model, target_modules):
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=target_modules, lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -61,6 +67,57 @@ def test_packed_trained_positions_loss_equals_padded_full_loss(tiny_models, fami
     assert count.item() == sum(sum(1 for y in s["labels"][1:] if y != -100) for s in SAMPLES)
     assert torch.allclose(loss, reference_loss, atol=1e-5), (loss.item(), reference_loss.item())
     for name, grad in _grads(model).items():
+        assert torch.allclose(grad, reference[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_gradients_equal_the_naive_computation(with_bias):
+    """Gradients taken in the forward pass, chunk by chunk, then scaled by the upstream gradient."""
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 50, bias=with_bias)
+    targets = torch.randint(0, 50, (13,))
+    naive = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (0.37 * naive).backward()
+    expected = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+    hidden.grad = None
+    head.zero_grad()
+
+    fused = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, 5)  # 5 does not divide 13
+    (0.37 * fused).backward()
+    assert torch.allclose(fused, naive, atol=1e-5)
+    for got, want in zip([hidden.grad] + [p.grad for p in head.parameters()], expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+@pytest.mark.parametrize("lora_on_head", [False, True])
+def test_trained_positions_loss_trains_the_head_like_the_full_loss(tiny_model, lora_on_head):
+    """Full fine-tuning (the output layer, tied to the embedding, trains) and an adapter on the output layer
+    (which takes the checkpointed-module path) give the full computation's gradients too."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if lora_on_head:
+        model = _lora_with(model, ["q_proj", "lm_head"])
+    padded = PadCollator(pad_token_id=2)(SAMPLES)
+    out = model(**padded)
+    out.loss.backward()
+    reference_loss, reference = out.loss.detach(), _grads(model)
+    model.zero_grad()
+
+    packed = PackedCollator()(SAMPLES)
+    captured = {}
+    base = hf_model(model)
+    handle = base.get_decoder().register_forward_hook(lambda m, a, o: captured.update(h=o.last_hidden_state))
+    model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], logits_to_keep=1, use_cache=False)
+    handle.remove()
+    total, count = trained_positions_loss(captured["h"], packed["labels"], base.get_output_embeddings(), chunk_size=4)
+    (total / count).backward()
+    assert torch.allclose(total / count, reference_loss, atol=1e-5)
+    grads = _grads(model)
+    assert any("lm_head" in n or "embed_tokens" in n for n in grads)
+    assert plain_linear_head(base.get_output_embeddings(), captured["h"]) is not lora_on_head
+    for name, grad in grads.items():
         assert torch.allclose(grad, reference[name], atol=1e-5, rtol=1e-4), name
 
 

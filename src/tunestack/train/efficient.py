@@ -6,8 +6,8 @@ block-diagonal causal mask for SDPA/eager and into varlen kernels for flash-atte
 attends across samples.
 
 Trained positions only: the LM head (49k-wide for SmolLM2) and the cross-entropy run on the
-positions whose next-token label is trained, in checkpointed chunks, so the full-vocabulary logits
-are never held for the whole batch. Both are exact: losses and gradients equal the padded, full
+positions whose next-token label is trained, in chunks whose gradients are taken as they are computed,
+so the full-vocabulary logits are never held for the whole batch. Both are exact: losses and gradients equal the padded, full
 computation within float tolerance (tests/unit/test_efficient.py).
 """
 
@@ -89,6 +89,66 @@ def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modul
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)`, chunk by chunk, with the gradients taken while
+    each chunk's logits exist: softmax - one-hot is the loss's gradient for the logits, so backward only
+    scales what forward kept (the hidden states' gradient, and the weight's when it trains). No chunk is
+    computed twice, unlike a checkpointed chunk, and at most one chunk of float32 logits is alive."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows, target = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(rows, weight, bias).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+            grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start : start + chunk_size] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.t() @ rows).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * grad_total).to(weight_dtype) if grad_weight is not None else None,
+            (grad_bias * grad_total).to(bias_dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
+
+
+def plain_linear_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """A head whose full weight is at hand: an nn.Linear, not wrapped by an adapter, not sharded (ZeRO-3 leaves
+    an empty placeholder, FSDP2 a DTensor) and not quantized."""
+    if type(head) is not torch.nn.Linear:
+        return False
+    weight = head.weight
+    return (
+        type(weight) in (torch.nn.Parameter, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == hidden.shape[-1]
+        and weight.is_floating_point()
+    )
+
+
 def trained_positions_loss(
     hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +157,10 @@ def trained_positions_loss(
     selected = targets != IGNORE_INDEX
     rows = hidden[:, :-1][selected]
     targets = targets[selected]
+    if plain_linear_head(head, rows):
+        return LinearCrossEntropy.apply(rows, head.weight, head.bias, targets, chunk_size), selected.sum()
+    # Any other head (an adapter on the output layer, a sharded or quantized weight) runs as a module, in
+    # checkpointed chunks: the same result, with each chunk's head computed again in the backward pass.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
