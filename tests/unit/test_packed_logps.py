@@ -24,12 +24,14 @@ def _batch():
     return ids, mask, labels
 
 
-def _model(model_dir):
+def _model(model_dir, lora=True):
     from trl.trainer.utils import add_fused_lm_head
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))  # as DPOTrainer does
+    if not lora:
+        return model
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -46,18 +48,29 @@ def _logps_and_grads(model, ids, mask, labels):
     return out, grads
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
-def test_packed_logps_equal_trls_padded_fused_head(tiny_models, family, monkeypatch):
+@pytest.mark.parametrize(
+    "family,lora", [("llama", True), ("qwen2", True), ("glm4", True), ("llama", False)], ids=lambda v: str(v)
+)
+def test_packed_logps_equal_trls_padded_fused_head(tiny_models, family, lora, monkeypatch):
+    """LoRA (frozen output layer: gradients taken in the forward pass) and full tuning (the output layer trains:
+    checkpointed chunks) both give TRL's values and gradients."""
     from tunestack.train import packed_logps
 
-    model = _model(tiny_models[family])
+    model = _model(tiny_models[family], lora)
     ids, mask, labels = _batch()
     expected, expected_grads = _logps_and_grads(model, ids, mask, labels)
 
     assert use_packed_logps(model)
     heads = []
-    original = packed_logps._head_logprobs
-    monkeypatch.setattr(packed_logps, "_head_logprobs", lambda h, t, head: heads.append(len(h)) or original(h, t, head))
+    fused, checkpointed = packed_logps.TargetLogProbs.apply, packed_logps._head_logprobs
+    monkeypatch.setattr(
+        packed_logps.TargetLogProbs, "apply", lambda h, *rest: heads.append(("fused", len(h))) or fused(h, *rest)
+    )
+    monkeypatch.setattr(
+        packed_logps,
+        "_head_logprobs",
+        lambda h, t, head: heads.append(("checkpointed", len(h))) or checkpointed(h, t, head),
+    )
     got, grads = _logps_and_grads(model, ids, mask, labels)
     scored = labels[:, 1:] != -100
     for stat in ("log_probs", "entropy", "mean_logits", "is_top1"):  # all that TRL's DPOTrainer reads
@@ -66,8 +79,11 @@ def test_packed_logps_equal_trls_padded_fused_head(tiny_models, family, monkeypa
         a, b = a.float(), b.float()
         assert torch.allclose(a[scored], b[scored], atol=1e-4), stat
     assert (got.log_probs[~scored] == 0).all()
-    # The output layer ran only on the scored completion tokens (again in backward: the chunks are checkpointed).
-    assert set(heads) == {int((labels[:, 1:] != -100).sum())}
+    # The output layer ran only on the scored completion tokens: once with LoRA, and again in backward for the
+    # checkpointed chunks of full tuning.
+    n_scored = int(scored.sum())
+    assert heads == ([("fused", n_scored)] if lora else [("checkpointed", n_scored)] * 2)
+    assert grads
     for name, grad in grads.items():
         assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=1e-4), name
     # Calls without fused_lm_head are the model's own forward.

@@ -4,8 +4,8 @@ TRL's DPOTrainer asks the model for per-token log-probs of a padded batch (chose
 rows) through `model(..., labels=labels, fused_lm_head=True).log_probs`. On a CPU its fused head scores
 every position of the padded batch, prompts and padding included. Here the same call packs the real
 tokens of all rows into one row (positions restart per row, so attention stays inside each sequence),
-runs the decoder once, applies the output layer in checkpointed chunks only to the positions whose
-next token is a scored completion token, and scatters the results back into the padded layout TRL
+runs the decoder once, applies the output layer in chunks (gradients taken as each chunk is computed)
+only to the positions whose next token is a scored completion token, and scatters the results back into the padded layout TRL
 expects. Same values and gradients (tests/unit/test_packed_logps.py); `--padding_free false` or
 `--sparse_lm_head false` keep TRL's path.
 """
@@ -16,9 +16,16 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunestack.train.efficient import IGNORE_INDEX, hf_model, packed_positions, supports_trained_positions
+from tunestack.train.efficient import (
+    IGNORE_INDEX,
+    hf_model,
+    packed_positions,
+    plain_linear_head,
+    supports_trained_positions,
+)
 
 MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache"}
 
@@ -37,10 +44,49 @@ def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.M
     return torch.cat([picked[None], stats])
 
 
+class TargetLogProbs(torch.autograd.Function):
+    """`_head_logprobs` over chunks of a frozen output layer, with the hidden states' gradient taken while each
+    chunk's logits exist: d log p(t) / d logits = one-hot(t) - softmax, so forward keeps (one-hot - softmax) @ W
+    per token and backward only scales it by the upstream gradient of that token's log-prob. Nothing is
+    recomputed, unlike a checkpointed chunk. (A trained output layer would need the upstream gradient to form
+    its own; that case keeps the checkpointed path.)"""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
+        need_hidden = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        parts = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows, target = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(rows, weight, bias).float()
+            log_probs = logits.log_softmax(-1)
+            probs = log_probs.exp()
+            picked = log_probs.gather(-1, target[:, None]).squeeze(-1)
+            entropy = -(probs * log_probs).sum(-1)
+            hit = (logits.argmax(-1) == target).float()
+            parts.append(torch.stack([picked, entropy, logits.mean(-1), hit]))
+            if need_hidden:
+                grad_logits = probs.neg_()  # one-hot - softmax, in place of the probabilities
+                grad_logits[torch.arange(len(target), device=target.device), target] += 1.0
+                grad_hidden[start : start + chunk_size] = grad_logits.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return torch.cat(parts, dim=1) if parts else hidden.new_zeros(len(STATS), 0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_values):  # noqa: ANN001, ANN205
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None:
+            return None, None, None, None, None
+        return grad_hidden * grad_values[0, :, None].to(grad_hidden.dtype), None, None, None, None
+
+
 def chunked_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int = 1024
 ) -> torch.Tensor:
     """[4, n]: log-probs of `targets` (differentiable), entropy, mean logit, top-1 hit; head run in chunks."""
+    frozen = not any(p.requires_grad for p in head.parameters())
+    if frozen and plain_linear_head(head, hidden):
+        return TargetLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_size)
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
