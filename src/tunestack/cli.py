@@ -15,8 +15,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # torch's CPU allocator: blocks of 2 MB and more page-aligned and advised to use transparent huge pages.
 # A CPU training step allocates and frees gigabytes of activations; with glibc's default placement its peak RSS
 # stood ~2 GB above the live tensors. Measured on SmolLM2 LoRA (bench/README.md): peak RSS 5.5 -> 3.9 GB in SFT
-# and 7.9 -> 6.3 GB in DPO, steps no slower. Read once, when torch first allocates, so it must be set before torch is imported; an explicit
-# THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+# and 7.9 -> 6.3 GB in DPO, steps no slower. torch reads it once, at its first allocation, so it is set before
+# torch is imported; THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
 if sys.platform.startswith("linux"):
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # PEFT reads the property transformers 5 deprecated whenever it wraps a model; nothing for a user to act on.

@@ -6,9 +6,9 @@ block-diagonal causal mask for SDPA/eager and into varlen kernels for flash-atte
 attends across samples.
 
 Trained positions only: the LM head (49k-wide for SmolLM2) and the cross-entropy run on the
-positions whose next-token label is trained, in chunks whose gradients are taken as they are computed,
-so the full-vocabulary logits are never held for the whole batch. Both are exact: losses and gradients equal the padded, full
-computation within float tolerance (tests/unit/test_efficient.py).
+positions whose next-token label is trained, in chunks whose gradients are taken as they are
+computed, so the full-vocabulary logits are never held for the whole batch. Both are exact: losses
+and gradients equal the padded, full computation within float tolerance (tests/unit/test_efficient.py).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ rows) through `model(..., labels=labels, fused_lm_head=True).log_probs`. On a CP
 every position of the padded batch, prompts and padding included. Here the same call packs the real
 tokens of all rows into one row (positions restart per row, so attention stays inside each sequence),
 runs the decoder once, applies the output layer in chunks (gradients taken as each chunk is computed)
-only to the positions whose next token is a scored completion token, and scatters the results back into the padded layout TRL
-expects. Same values and gradients (tests/unit/test_packed_logps.py); `--padding_free false` or
-`--sparse_lm_head false` keep TRL's path.
+only to the positions whose next token is a scored completion token, and scatters the results back
+into the padded layout TRL expects. Same values and gradients (tests/unit/test_packed_logps.py);
+`--padding_free false` or `--sparse_lm_head false` keep TRL's path.
 """
 
 from __future__ import annotations
