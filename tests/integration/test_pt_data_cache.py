@@ -1,4 +1,5 @@
-"""PT data: the tokenized cache is reused and invalidated, documents keep their BOS/EOS, every input format reads."""
+"""PT data: the tokenized cache is reused and invalidated, documents keep their BOS/EOS, every input format reads;
+the fast encoding path (backend encode_batch_fast, threaded, numpy joining) gives exactly the tokenizer's ids."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 from tunestack.config.pretrain import PretrainDataArguments
 from tunestack.data import pretrain
 from tunestack.data.collators import IGNORE_INDEX, PadCollator
-from tunestack.data.pretrain import PretrainCorpus, load_pretrain_corpus
+from tunestack.data.pretrain import DocumentEncoder, PretrainCorpus, load_pretrain_corpus, tokenize_files
 
 Cli = Callable[..., tuple[int, str, str]]
 
@@ -26,6 +28,8 @@ DOCS = [
     "A doctor listens to the lungs with a stethoscope.",
     "阿司匹林可以退烧止痛。",
 ]
+# Edge cases for the encoder: surrounding spaces, a one-character document, digits and symbols.
+ENCODING_DOCS = [*DOCS, "  leading spaces and trailing ones  ", "x", "Numbers 12345 and symbols <>&; in one line."]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +48,14 @@ def _stream(corpus: PretrainCorpus) -> list[int]:
     return [t for block in corpus.train["input_ids"] for t in block]
 
 
-def _expected(tokenizer: Any, docs: list[str]) -> list[int]:
-    """BOS + document + EOS, document after document."""
+def _expected(tokenizer: Any, docs: list[str], special: tuple[int | None, int | None] | None = None) -> list[int]:
+    """BOS + document + EOS, document after document (`special`: other BOS/EOS ids than the tokenizer's, None
+    for none)."""
+    bos, eos = special if special is not None else (tokenizer.bos_token_id, tokenizer.eos_token_id)
     out: list[int] = []
     for doc in docs:
-        out += [tokenizer.bos_token_id, *tokenizer(doc, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        out += ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
     return out
 
 
@@ -360,3 +367,52 @@ def test_max_train_and_eval_samples(cli: Cli, tiny_model: Path, tmp_path: Path) 
     assert stats["train_blocks_used"] == 6 and stats["eval_blocks_used"] == 3
     assert manifest["summary"]["global_step"] == 3  # 6 blocks / batch 2, one epoch
     assert manifest["summary"]["tokens_seen"] == 6 * 32
+
+
+def test_fast_encoding_matches_the_tokenizer_document_by_document(tokenizer: Any) -> None:
+    encode = DocumentEncoder(tokenizer)
+    tokens = encode(ENCODING_DOCS)
+    assert encode._fast is not None, "a fast tokenizer should take the backend path"
+    assert tokens.dtype == np.int32
+    assert tokens.tolist() == _expected(tokenizer, ENCODING_DOCS)
+
+
+@pytest.mark.parametrize("special", [(None, 7), (5, None), (None, None)])
+def test_joining_without_bos_or_eos(tokenizer: Any, special: tuple[int | None, int | None]) -> None:
+    encode = DocumentEncoder(tokenizer)
+    encode.bos, encode.eos = special
+    assert encode(ENCODING_DOCS).tolist() == _expected(tokenizer, ENCODING_DOCS, special)
+    assert encode([]).tolist() == []
+
+
+def test_a_backend_that_disagrees_is_not_used(tokenizer: Any) -> None:
+    """Some tokenizers add Python-side steps around their backend; the first batch catches the difference."""
+
+    class Wrong:
+        def encode_batch_fast(self, docs: list[str], add_special_tokens: bool) -> list[Any]:
+            return [SimpleNamespace(ids=[1, 2, 3]) for _ in docs]
+
+    class Wrapped:
+        backend_tokenizer = Wrong()
+        bos_token_id = tokenizer.bos_token_id
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, docs: list[str], **kwargs: Any) -> Any:
+            return tokenizer(docs, **kwargs)
+
+    encode = DocumentEncoder(Wrapped())
+    assert encode(ENCODING_DOCS).tolist() == _expected(tokenizer, ENCODING_DOCS)
+    assert encode._fast is None
+
+
+def test_tokenize_files_keeps_document_order_across_batches(
+    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches are encoded in a worker thread while the previous one is joined: the order must hold."""
+    monkeypatch.setattr(pretrain, "_BATCH_DOCS", 3)
+    docs = [f"{ENCODING_DOCS[i % len(ENCODING_DOCS)]} ({i})" for i in range(23)]
+    (tmp_path / "a.txt").write_text("\n".join(docs[:11]) + "\n\n   \n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[11:]), encoding="utf-8")
+    tokens, n_docs = tokenize_files([tmp_path / "a.txt", tmp_path / "b.jsonl"], tokenizer, "text", False)
+    assert n_docs == 23
+    assert tokens.tolist() == _expected(tokenizer, docs)

@@ -46,11 +46,12 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
-def test_packed_trained_positions_loss_equals_padded_full_loss(tiny_models, family):
-    model = _lora(tiny_models[family])
+def _padded_then_packed(model, chunk_size):
+    """transformers' own loss and gradients on the padded batch (full logits, mean over trained tokens), then
+    the packed row's trained-positions loss, backpropagated. Returns (reference loss, reference gradients,
+    packed loss, trained-token count, output layer, packed hidden states); the model holds the packed grads."""
     padded = PadCollator(pad_token_id=2)(SAMPLES)
-    out = model(**padded)  # transformers' own loss: full logits, mean over trained tokens
+    out = model(**padded)
     out.loss.backward()
     reference_loss, reference = out.loss.detach(), _grads(model)
     model.zero_grad()
@@ -61,9 +62,17 @@ def test_packed_trained_positions_loss_equals_padded_full_loss(tiny_models, fami
     handle = base.get_decoder().register_forward_hook(lambda m, a, o: captured.update(h=o.last_hidden_state))
     model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], logits_to_keep=1, use_cache=False)
     handle.remove()
-    total, count = trained_positions_loss(captured["h"], packed["labels"], base.get_output_embeddings(), chunk_size=3)
+    head = base.get_output_embeddings()
+    total, count = trained_positions_loss(captured["h"], packed["labels"], head, chunk_size=chunk_size)
     loss = total / count
     loss.backward()
+    return reference_loss, reference, loss, count, head, captured["h"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
+def test_packed_trained_positions_loss_equals_padded_full_loss(tiny_models, family):
+    model = _lora(tiny_models[family])
+    reference_loss, reference, loss, count, _, _ = _padded_then_packed(model, chunk_size=3)
     assert count.item() == sum(sum(1 for y in s["labels"][1:] if y != -100) for s in SAMPLES)
     assert torch.allclose(loss, reference_loss, atol=1e-5), (loss.item(), reference_loss.item())
     for name, grad in _grads(model).items():
@@ -99,24 +108,11 @@ def test_trained_positions_loss_trains_the_head_like_the_full_loss(tiny_model, l
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     if lora_on_head:
         model = _lora_with(model, ["q_proj", "lm_head"])
-    padded = PadCollator(pad_token_id=2)(SAMPLES)
-    out = model(**padded)
-    out.loss.backward()
-    reference_loss, reference = out.loss.detach(), _grads(model)
-    model.zero_grad()
-
-    packed = PackedCollator()(SAMPLES)
-    captured = {}
-    base = hf_model(model)
-    handle = base.get_decoder().register_forward_hook(lambda m, a, o: captured.update(h=o.last_hidden_state))
-    model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], logits_to_keep=1, use_cache=False)
-    handle.remove()
-    total, count = trained_positions_loss(captured["h"], packed["labels"], base.get_output_embeddings(), chunk_size=4)
-    (total / count).backward()
-    assert torch.allclose(total / count, reference_loss, atol=1e-5)
+    reference_loss, reference, loss, _, head, hidden = _padded_then_packed(model, chunk_size=4)
+    assert torch.allclose(loss, reference_loss, atol=1e-5)
     grads = _grads(model)
     assert any("lm_head" in n or "embed_tokens" in n for n in grads)
-    assert plain_linear_head(base.get_output_embeddings(), captured["h"]) is not lora_on_head
+    assert plain_linear_head(head, hidden) is not lora_on_head
     for name, grad in grads.items():
         assert torch.allclose(grad, reference[name], atol=1e-5, rtol=1e-4), name
 
