@@ -99,6 +99,33 @@ def test_linear_cross_entropy_gradients_equal_the_naive_computation(with_bias):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["bf16-weights", "bf16-autocast"])
+def test_linear_cross_entropy_in_bfloat16_is_as_close_to_float64_as_the_naive_loss(mode):
+    """What a GPU run does: the fused gradients stay as accurate as autograd's through the unfused ops."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
+    hidden = torch.randn(37, 64, dtype=dtype, requires_grad=True)
+    head = torch.nn.Linear(64, 500, bias=False).to(dtype)
+    targets = torch.randint(0, 500, (37,))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, head.weight))
+    torch.nn.functional.cross_entropy(h64 @ w64.T, targets, reduction="sum").backward()
+
+    def error(loss_fn):
+        hidden.grad, head.weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
+            loss = loss_fn()
+        loss.backward()
+        return [
+            ((g.double() - t.grad).norm() / t.grad.norm()).item()
+            for g, t in ((hidden.grad, h64), (head.weight.grad, w64))
+        ]
+
+    naive = error(lambda: torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum"))
+    fused = error(lambda: LinearCrossEntropy.apply(hidden, head.weight, None, targets, 10))
+    for got, reference in zip(fused, naive, strict=True):
+        assert got < 2 * reference + 1e-3, (fused, naive)
+
+
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 @pytest.mark.parametrize("lora_on_head", [False, True])
 def test_trained_positions_loss_trains_the_head_like_the_full_loss(tiny_model, lora_on_head):
