@@ -86,7 +86,6 @@ def test_value_head_trains_saves_and_reloads(cli, tiny_model, data, tmp_path, me
     m = manifest["metrics"]
     assert m["eval_pairwise_accuracy"] >= 0.8
     # Scores of the reloaded model equal those the trained model gave in memory at the end of training.
-    # The saved model scored the usual padded way agrees with the packed scores of the training-time eval.
     accuracy, margin = _held_out_margin(out)
     assert accuracy == pytest.approx(m["eval_pairwise_accuracy"])
     assert margin == pytest.approx(m["eval_mean_margin"], abs=1e-4)

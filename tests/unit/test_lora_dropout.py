@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
+from trl.trainer.utils import disable_dropout_in_model
 
 from tunestack.model.lora_dropout import DropoutLinear, dropout_linear, fuse_lora_dropout
 
@@ -83,9 +84,7 @@ def test_fused_model_trains_exactly_like_peft(tiny_model):
     with torch.no_grad():
         assert torch.equal(reference(input_ids=ids).logits, fused(input_ids=ids).logits)
     # Switching dropout off model-wide (as TRL's disable_dropout does) reaches the fused layers.
-    for module in fused.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    disable_dropout_in_model(fused)
     assert torch.allclose(_step(fused, ids, seed=6)[0], _step(fused, ids, seed=7)[0])
     # The adapter saves under the same names.
     assert reference.state_dict().keys() == fused.state_dict().keys()

@@ -122,14 +122,10 @@ class DPOStage(PreferenceStage):
         train = ctx.args.train
         if self._loss() in REFERENCE_FREE_LOSSES or not (train.padding_free and train.sparse_lm_head):
             return ()
+        from tunestack.train.metrics import packed_row_mixins
         from tunestack.train.packed_logps import PackedPreferenceMixin
 
-        mixins: tuple[type, ...] = (PackedPreferenceMixin,)
-        if train.varlen_attention:
-            from tunestack.train.varlen import VarlenAttentionMixin
-
-            mixins += (VarlenAttentionMixin,)
-        return mixins
+        return (PackedPreferenceMixin, *packed_row_mixins(train))
 
     def trainer_args(self, ctx: StageContext) -> Any:
         d, train, loss = ctx.args.data, ctx.args.train, self._loss()

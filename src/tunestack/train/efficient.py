@@ -14,6 +14,7 @@ and gradients equal the padded, full computation within float tolerance (tests/u
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,16 +160,21 @@ def trained_positions_loss(
     targets = targets[selected]
     if plain_linear_head(head, rows):
         return LinearCrossEntropy.apply(rows, head.weight, head.bias, targets, chunk_size), selected.sum()
-    # Any other head (an adapter on the output layer, a sharded or quantized weight) runs as a module, in
-    # checkpointed chunks: the same result, with each chunk's head computed again in the backward pass.
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_head_loss, rows[part], targets[part], head, use_reentrant=False)
-        else:
-            total = total + _head_loss(rows[part], targets[part], head)
+    # Any other head (an adapter on the output layer, a sharded or quantized weight) runs as a module.
+    total = sum(head_chunks(_head_loss, rows, targets, head, chunk_size), rows.new_zeros((), dtype=torch.float32))
     return total, selected.sum()
+
+
+def head_chunks(
+    fn: Callable[..., torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int
+) -> list[torch.Tensor]:
+    """fn(hidden chunk, target chunk, head) for each chunk, checkpointed when gradients are on: the same result
+    as one call, with at most one chunk's logits alive, each chunk's head computed again in backward."""
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        parts.append(checkpoint(fn, h, t, head, use_reentrant=False) if torch.is_grad_enabled() else fn(h, t, head))
+    return parts
 
 
 def supports_trained_positions(model: Any) -> bool:

@@ -34,11 +34,18 @@ def lm_trainer_mixins(train_args: Any, model: Any, packed: bool) -> tuple[type, 
     mixins: tuple[type, ...] = ()
     if train_args.sparse_lm_head and supports_trained_positions(model):
         mixins += (TrainedPositionsLossMixin,)
-    if packed and train_args.varlen_attention:
-        from tunestack.train.varlen import VarlenAttentionMixin
-
-        mixins += (VarlenAttentionMixin,)
+    if packed:
+        mixins += packed_row_mixins(train_args)
     return mixins
+
+
+def packed_row_mixins(train_args: Any) -> tuple[type, ...]:
+    """Per-sample attention for a trainer that feeds packed rows, unless --varlen_attention false."""
+    if not train_args.varlen_attention:
+        return ()
+    from tunestack.train.varlen import VarlenAttentionMixin
+
+    return (VarlenAttentionMixin,)
 
 
 def perplexity_line(metrics: dict[str, Any], label: str) -> str | None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tunestack.train.efficient import (
     IGNORE_INDEX,
+    head_chunks,
     hf_model,
     packed_positions,
     plain_linear_head,
@@ -33,15 +33,20 @@ MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache"}
 STATS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer reads from the output
 
 
-def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    """Log-prob of each target, plus entropy, mean logit and whether the target is the argmax (for TRL's logs)."""
-    logits = head(hidden).float()
+def _logprob_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[4, n] for STATS: log-prob of each target (differentiable), entropy, mean logit and whether the target is
+    the argmax (for TRL's logs); and the softmax."""
     log_probs = logits.log_softmax(-1)
     picked = log_probs.gather(-1, targets[:, None]).squeeze(-1)
     with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum(-1)
         stats = torch.stack([entropy, logits.mean(-1), (logits.argmax(-1) == targets).float()])
-    return torch.cat([picked[None], stats])
+    return torch.cat([picked[None], stats]), probs
+
+
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return _logprob_stats(head(hidden).float(), targets)[0]
 
 
 class TargetLogProbs(torch.autograd.Function):
@@ -58,13 +63,8 @@ class TargetLogProbs(torch.autograd.Function):
         parts = []
         for start in range(0, hidden.shape[0], chunk_size):
             rows, target = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = F.linear(rows, weight, bias).float()
-            log_probs = logits.log_softmax(-1)
-            probs = log_probs.exp()
-            picked = log_probs.gather(-1, target[:, None]).squeeze(-1)
-            entropy = -(probs * log_probs).sum(-1)
-            hit = (logits.argmax(-1) == target).float()
-            parts.append(torch.stack([picked, entropy, logits.mean(-1), hit]))
+            values, probs = _logprob_stats(F.linear(rows, weight, bias).float(), target)
+            parts.append(values)
             if need_hidden:
                 grad_logits = probs.neg_()  # one-hot - softmax, in place of the probabilities
                 grad_logits[torch.arange(len(target), device=target.device), target] += 1.0
@@ -87,13 +87,7 @@ def chunked_logprobs(
     frozen = not any(p.requires_grad for p in head.parameters())
     if frozen and plain_linear_head(head, hidden):
         return TargetLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_size)
-    parts = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_head_logprobs, h, t, head, use_reentrant=False))
-        else:
-            parts.append(_head_logprobs(h, t, head))
+    parts = head_chunks(_head_logprobs, hidden, targets, head, chunk_size)
     return torch.cat(parts, dim=1) if parts else hidden.new_zeros(len(STATS), 0, dtype=torch.float32)
 
 

@@ -27,15 +27,6 @@ from tunestack.train.sft import save_chat_files
 logger = logging.getLogger("tunestack")
 
 
-def disable_dropout(model: Any) -> None:
-    """p = 0 for every dropout module (LoRA's included), as TRL's disable_dropout does."""
-    from torch import nn
-
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
 class PromptEncoder:
     """Prompt -> ids with the SFT template (the policy sees what it was trained on), keeping the end."""
 
@@ -181,8 +172,10 @@ class RLStage(Stage):
             return total_reward(functions, prompts, completions, completions_with_stop=completions_with_stop)
 
         settings = self._settings(args, len(data.train))
-        if args.data.disable_dropout:
-            disable_dropout(model)
+        if args.data.disable_dropout:  # p = 0 in every nn.Dropout, LoRA's included, as TRL's trainers do
+            from trl.trainer.utils import disable_dropout_in_model
+
+            disable_dropout_in_model(model)
         ref_model = None
         if not hasattr(model, "disable_adapter"):  # full / freeze tuning: a frozen copy is the reference
             import copy

@@ -154,14 +154,10 @@ class RewardModelStage(PreferenceStage):
         train = ctx.args.train
         if self._head(ctx) == VALUE_HEAD or not train.padding_free:
             return ()
+        from tunestack.train.metrics import packed_row_mixins
         from tunestack.train.packed_scores import PackedRewardMixin
 
-        mixins: tuple[type, ...] = (PackedRewardMixin,)
-        if train.varlen_attention:
-            from tunestack.train.varlen import VarlenAttentionMixin
-
-            mixins += (VarlenAttentionMixin,)
-        return mixins
+        return (PackedRewardMixin, *packed_row_mixins(train))
 
     def trainer_args(self, ctx: StageContext) -> Any:
         from trl import RewardConfig
