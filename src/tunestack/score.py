@@ -7,21 +7,20 @@ their (last) answer. Output: one JSON object per record, in input order, to --ou
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunestack.atomic import jsonl_text, write_text_atomic
 from tunestack.config.parse import parse_into, print_help
-from tunestack.config.preference import ScoreArguments
-from tunestack.data.formats import Message, _BadLine, _iter_file, load_conversations
+from tunestack.config.rm import ScoreArguments
+from tunestack.data.formats import Message, load_conversations
 from tunestack.data.preference import KTOSample, PreferencePair, detect_preference_format, load_preferences
-from tunestack.data.sources import find_data_files
+from tunestack.data.sources import RECORD_SUFFIXES, BadLine, find_data_files, read_records
 from tunestack.errors import ConfigError, DataError
 
 DESCRIPTION = "Score preference pairs or answers with a reward model trained by tunestack rm."
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,8 @@ class Answer:
 def _file_is_preference(path: Path, data_format: str) -> bool:
     if data_format != "auto":
         return True
-    for item in _iter_file(path):
-        if not isinstance(item, _BadLine):
+    for item in read_records(path):
+        if not isinstance(item, BadLine):
             return detect_preference_format(item.data) is not None
     return True
 
@@ -77,7 +76,7 @@ def collect(files: list[Path], args: ScoreArguments) -> tuple[list[dict[str, Any
             else:
                 convs = load_conversations([path], "auto", args.skip_bad_records)
                 problems += [f"{r['where']}: {r['reason']}" for r in convs.rejects]
-                for conv in convs.conversations:
+                for conv in convs.items:
                     add(conv.system, conv.messages[:-1], conv.origin, {"score": conv.messages[-1].content}, {})
         except DataError as exc:
             problems += exc.problems
@@ -89,7 +88,7 @@ def main(argv: list[str]) -> int:
         print_help((ScoreArguments,), "tunestack score", DESCRIPTION)
         return 0
     (args,) = parse_into((ScoreArguments,), argv, prog="tunestack score", description=DESCRIPTION)
-    files = find_data_files(args.data_file, suffixes=DATA_SUFFIXES, what="data")
+    files = find_data_files(args.data_file, suffixes=RECORD_SUFFIXES, what="data")
     rows, answers, problems = collect(files, args)
     if problems and not args.skip_bad_records:
         raise DataError(problems)
@@ -124,15 +123,10 @@ def main(argv: list[str]) -> int:
 
 
 def write_rows(rows: list[dict[str, Any]], output_file: str | None) -> None:
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if output_file is None:
-        sys.stdout.write(lines)
-        return
-    path = Path(output_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(lines, encoding="utf-8")
-    tmp.replace(path)
+        sys.stdout.write(jsonl_text(rows))
+    else:
+        write_text_atomic(output_file, jsonl_text(rows))
 
 
 def summary(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], skipped: int, output_file: str | None) -> str:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 def greedy_answers(model_dir: Path | str, questions: list[str], max_new_tokens: int = 64) -> list[str]:
     from tunestack.config.model import ModelArguments
-    from tunestack.model.load import load_model, load_tokenizer, resolve_model
+    from tunestack.model.load import load_model, load_tokenizer
+    from tunestack.model.ref import resolve_model
 
     ref = resolve_model(str(model_dir))
     tokenizer = load_tokenizer(ref)
@@ -54,9 +55,8 @@ def signs_off(answer: str) -> bool:
 
 
 def test_dpo_teaches_the_sign_off_on_held_out_prompts(cli, monkeypatch, smollm2, tmp_path):
-    from preference_sets import logp_margins, register_commands
+    from preference_sets import logp_margins
 
-    register_commands(monkeypatch)
     held = [json.loads(line) for line in (DEMO / "eval" / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
     questions = [r["question"] for r in held]
     before = greedy_answers(smollm2, questions)

@@ -24,7 +24,8 @@ DOMAIN = [
 def generate(model_dir: Path | str, question: str, max_new_tokens: int = 40) -> tuple[str, bool]:
     """Greedy answer and whether the model stopped by itself (a stop token before the budget ran out)."""
     from tunestack.config.model import ModelArguments
-    from tunestack.model.load import load_model, load_tokenizer, resolve_model
+    from tunestack.model.load import load_model, load_tokenizer
+    from tunestack.model.ref import resolve_model
 
     ref = resolve_model(str(model_dir))
     tokenizer = load_tokenizer(ref)

@@ -29,7 +29,7 @@ def test_ppo_teaches_smollm2_to_answer_briefly(cli, smollm2, tmp_path, monkeypat
         "--algo", "ppo",
         "--model_name_or_path", "smollm2-135m-instruct",
         "--train_file_dir", ROOT / "examples" / "demo" / "sft" / "general.jsonl",
-        "--validation_split_percentage", 25,
+        "--do_eval", "true", "--validation_split_percentage", 25,
         "--output_dir", out,
         "--reward_funcs", "rewards:brief",
         "--use_peft", "true", "--target_modules", "all", "--lora_rank", 8, "--lora_alpha", 16,

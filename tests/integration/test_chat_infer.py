@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tunestack.config.infer import GenerationArguments, ModelSelection
 from tunestack.errors import DataError
 from tunestack.infer import batch, chat
 from tunestack.infer.chat import ChatSession
-from tunestack.infer.generate import ChatModel, GenerationArguments, ModelSelection
+from tunestack.infer.generate import ChatModel
 
 GREEDY = GenerationArguments(temperature=0, max_new_tokens=8)
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -263,17 +264,11 @@ def test_flag_problems_are_reported_together() -> None:
 
 @pytest.mark.slow
 def test_smollm2_knows_the_capital_of_france(smollm2: Path, capsys) -> None:
-    from tunestack.cli import COMMANDS
-
     argv = ["--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?", "--temperature", "0"]
-    if "chat" in COMMANDS:
-        env = {**os.environ, "PYTHONPATH": SRC}
-        proc = subprocess.run(
-            [sys.executable, "-m", "tunestack", "chat", *argv], capture_output=True, text=True, env=env, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr
-        out = proc.stdout
-    else:
-        assert chat.main(argv) == 0
-        out = capsys.readouterr().out
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunestack", "chat", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     assert "Paris" in out

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-from preference_sets import logp_margins, pairs, preference_dirs, register_commands
+from preference_sets import logp_margins, pairs, preference_dirs
 
 HELD_OUT = pairs(16, seed=1, offset=3)
 
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    register_commands(monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
     yield

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tunestack.errors import ConfigError
-from tunestack.model import merge as merge_module
+from tunestack.model import adapters as adapters_module
 from tunestack.model.merge import REL_TOLERANCE, MergeCheckError, main
 
 PROMPT_IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 61, 12, 8]])
@@ -105,7 +105,7 @@ def test_merged_model_equals_base_plus_adapter(
 def test_an_untied_merge_of_a_tied_lm_head_is_caught(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
     """Without untying, a LoRA on a tied lm_head also changes the input embedding: the check must fail."""
     adapter = make_adapter(tiny_model, tmp_path / "sft", target_modules=["q_proj", "lm_head"])
-    monkeypatch.setattr(merge_module, "untie_adapted_embeddings", lambda model: False)
+    monkeypatch.setattr(adapters_module, "untie_adapted_embeddings", lambda model: False)
     out = tmp_path / "merged"
     with pytest.raises(MergeCheckError, match="does not reproduce base"):
         main(["--lora_model", str(adapter), "--output_dir", str(out)])

@@ -5,19 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from preference_sets import register_commands, write_jsonl
+from preference_sets import write_jsonl
 from transformers import AutoTokenizer
 
 from tunestack.data.formats import Conversation, Message
-from tunestack.data.preference import (
-    KTOSample,
-    PreferenceEncoder,
-    PreferenceLimits,
-    PreferencePair,
-    build_preference_dataset,
-    load_preferences,
-    parse_preference,
-)
+from tunestack.data.preference import KTOSample, PreferencePair, load_preferences, parse_preference, unpaired
+from tunestack.data.preference_encoding import PreferenceEncoder, PreferenceLimits, build_preference_dataset
 from tunestack.data.supervised import encode_conversation
 from tunestack.data.templates import get_template
 from tunestack.errors import DataError
@@ -82,8 +75,8 @@ def test_kto_records_and_pairs_unpaired():
 
 def test_kto_stage_splits_pairs_and_dpo_refuses_unpaired_records(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [RECORDS["medicalgpt"]])
-    unpaired = load_preferences([path], kind="unpaired").unpaired()
-    assert [(s.completion, s.desirable) for s in unpaired] == [("4", True), ("5", False)]
+    samples = unpaired(load_preferences([path], kind="unpaired").items)
+    assert [(s.completion, s.desirable) for s in samples] == [("4", True), ("5", False)]
     kto = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "2+2?", "completion": "4", "label": True}])
     with pytest.raises(DataError, match=r"k\.jsonl:1: a kto record .* tunestack kto"):
         load_preferences([kto], kind="pairs")
@@ -149,7 +142,6 @@ def bad_dir(tmp_path):
 
 @pytest.mark.parametrize("stage", ["rm", "dpo", "kto"])
 def test_bad_records_are_reported_by_line_with_exit_2(cli, monkeypatch, tiny_model, bad_dir, tmp_path, stage):
-    register_commands(monkeypatch)
     out = tmp_path / "out"
     code, _, err = cli(stage, "--model_name_or_path", tiny_model, "--train_file_dir", bad_dir, "--output_dir", out)
     assert code == 2, err
@@ -163,7 +155,6 @@ def test_bad_records_are_reported_by_line_with_exit_2(cli, monkeypatch, tiny_mod
 
 
 def test_skip_bad_records_writes_rejects(cli, monkeypatch, tiny_model, bad_dir, tmp_path):
-    register_commands(monkeypatch)
     write_jsonl(bad_dir / "c.jsonl", [RECORDS["chosen_rejected"]] * 6)
     out = tmp_path / "out"
     code, stdout, err = cli(

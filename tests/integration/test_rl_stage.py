@@ -38,6 +38,8 @@ def _rl(model, prompts, out, *extra):
         model,
         "--train_file_dir",
         prompts,
+        "--do_eval",
+        "true",
         "--output_dir",
         out,
         "--reward_funcs",
@@ -87,12 +89,12 @@ def test_ppo_raises_a_rule_reward_with_finite_kl(cli, tiny_models, prompts, tmp_
 def test_missing_stop_token_is_penalised(tiny_model, prompts):
     from tunestack.config.model import ModelArguments
     from tunestack.config.tuning import TuningArguments
-    from tunestack.data.prompts import load_prompts
+    from tunestack.data.prompts import PromptEncoder, load_prompts
     from tunestack.data.templates import get_template, stop_token_ids
-    from tunestack.model.adapters import apply_tuning
-    from tunestack.model.load import load_model, load_tokenizer, resolve_model
+    from tunestack.model.load import load_model, load_tokenizer
+    from tunestack.model.ref import resolve_model
+    from tunestack.model.tuning import apply_tuning
     from tunestack.rl.ppo import PPOLoop, PPOSettings
-    from tunestack.train.rl import PromptEncoder
 
     ref = resolve_model(str(tiny_model))
     tok = load_tokenizer(ref)

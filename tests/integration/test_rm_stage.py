@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from preference_sets import pairs, preference_dirs, register_commands, write_jsonl
+from preference_sets import pairs, preference_dirs, write_jsonl
 
 from tunestack.data.preference import parse_preference
 from tunestack.model.reward import load_reward_model, reward_head_for, score_responses
@@ -14,7 +14,6 @@ from tunestack.model.reward import load_reward_model, reward_head_for, score_res
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    register_commands(monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
     yield
@@ -47,7 +46,7 @@ def _held_out_margin(out) -> tuple[float, float]:
 
 
 def test_rm_learns_the_preference_rule(cli, tiny_model, data, tmp_path, monkeypatch):
-    from tunestack.train import packed_scores
+    from tunestack.train.fast import packed_scores
 
     packed_calls = []
     original = packed_scores.packed_scores

@@ -62,7 +62,7 @@ def _trained_runs(ids, labels):
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_sft_trains_on_exactly_the_answers(cli, tiny_model, chat_dir, tmp_path, monkeypatch, layout):
-    from tunestack.train.efficient import TrainedPositionsLossMixin
+    from tunestack.train.fast.efficient import TrainedPositionsLossMixin
 
     seen = []
     original = TrainedPositionsLossMixin.compute_loss
@@ -177,7 +177,7 @@ def test_sft_from_a_pt_output_stacks_the_adapter(cli, tiny_model, chat_dir, pt_c
     assert code == 0, err
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["base_model"] == str(pt.resolve())
-    from tunestack.model.load import resolve_model
+    from tunestack.model.ref import resolve_model
 
     ref = resolve_model(str(out))
     assert ref.adapters == [pt, out] and ref.base_dir == tiny_model
@@ -226,7 +226,7 @@ def test_predict_with_generate_needs_held_out_data(cli, tiny_model, chat_dir, tm
 
 
 def test_token_budget_batches(cli, tiny_model, chat_dir, tmp_path, monkeypatch):
-    from tunestack.train.efficient import TrainedPositionsLossMixin
+    from tunestack.train.fast.efficient import TrainedPositionsLossMixin
 
     rows = []
     original = TrainedPositionsLossMixin.compute_loss

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tunestack.model.adapters import find_linear_names
+from tunestack.model.tuning import find_linear_names
 
 EXPECTED_LINEAR = {
     "llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
@@ -61,31 +61,26 @@ def _losses(out):
 
 
 @pytest.mark.parametrize(
-    "family,method,extra",
+    "family,method,args",
     [
-        ("llama", "lora", []),
-        ("qwen2", "lora", []),
-        ("glm4", "lora", []),
-        ("llama", "dora", []),
-        ("llama", "adalora", []),
-        ("llama", "qlora", ["--load_in_4bit", "true"]),
+        ("llama", "lora", ["--tuning_method", "lora"]),
+        ("qwen2", "lora", ["--tuning_method", "lora"]),
+        ("glm4", "lora", ["--tuning_method", "lora"]),
+        ("llama", "dora", ["--tuning_method", "dora"]),
+        ("llama", "adalora", ["--tuning_method", "adalora"]),
+        ("llama", "qlora", ["--qlora", "true"]),
+        ("llama", "qlora", ["--load_in_4bit", "true"]),  # the MedicalGPT spelling: a 4-bit base means QLoRA
         ("llama", "full", ["--use_peft", "false"]),
         ("llama", "freeze", ["--tuning_method", "freeze", "--freeze_trainable_layers", "1"]),
     ],
 )
-def test_method_trains_and_saves(cli, tiny_models, pt_corpus, tmp_path, family, method, extra):
+def test_method_trains_and_saves(cli, tiny_models, pt_corpus, tmp_path, family, method, args):
     out = tmp_path / "out"
-    args = (
-        extra
-        if extra and extra[0] in ("--use_peft", "--tuning_method", "--load_in_4bit")
-        else ["--tuning_method", method]
-    )
-    if method == "qlora":
-        args = ["--qlora", "true"]
     code, stdout, err = _pt(cli, tiny_models[family], pt_corpus, out, *args)
     assert code == 0, err
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["tuning_method"] == method
+    assert manifest["options"]["model"]["load_in_4bit"] == (method == "qlora")
     losses = _losses(out)
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     if method in ("full", "freeze"):

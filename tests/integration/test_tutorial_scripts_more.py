@@ -15,17 +15,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
 SCRIPTS = EXAMPLES / "medicalgpt"
 
 
-def _registered(*commands: str) -> bool:
-    from tunestack.cli import COMMANDS
-
-    return all(c in COMMANDS for c in commands)
-
-
-needs_preference_commands = pytest.mark.skipif(
-    not _registered("rm", "dpo"), reason="`tunestack rm` / `tunestack dpo` are not registered in tunestack.cli yet"
-)
-
-
 def _run_script(name: str, cwd: Path, **env_overrides: str) -> subprocess.CompletedProcess:
     venv_bin = str(Path(sys.executable).parent)  # torchrun and python of this environment
     env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
@@ -77,7 +66,6 @@ def test_run_ppo_sh_without_a_reward_model_says_what_to_do(tmp_path: Path) -> No
     assert "reward model nowhere not found" in proc.stderr and "run_rm.sh" in proc.stderr
 
 
-@needs_preference_commands
 def test_run_rm_then_run_ppo_sh(tiny_model: Path, tmp_path: Path) -> None:
     proc = _run_script("run_rm.sh", tmp_path, MODEL=str(tiny_model), EXTRA_ARGS="--max_steps 3")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -98,12 +86,11 @@ def test_run_rm_then_run_ppo_sh(tiny_model: Path, tmp_path: Path) -> None:
     assert rl["options"]["tuning"]["target_modules"] in ("q_proj,v_proj", ["q_proj", "v_proj"])
 
 
-@needs_preference_commands
 def test_run_dpo_sh(tiny_model: Path, tmp_path: Path) -> None:
     proc = _run_script("run_dpo.sh", tmp_path, MODEL=str(tiny_model), EXTRA_ARGS="--max_steps 3 --eval_steps 3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     manifest = _manifest(tmp_path / "outputs-dpo-v1")
     assert manifest["status"] == "complete" and manifest["stage"] == "dpo"
     assert manifest["summary"]["global_step"] == 3
-    assert manifest["options"]["data"]["beta"] in (None, 0.1)
+    assert manifest["options"]["stage"]["beta"] is None and manifest["beta"] == 0.1  # DPO's default
     assert any(k.startswith("eval_rewards/") for k in manifest["metrics"])

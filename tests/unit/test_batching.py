@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tunestack.train.batching import TokenBudgetBatchSampler
+from tunestack.train.fast.batching import TokenBudgetBatchSampler
 
 LENGTHS = [random.Random(0).randint(5, 120) for _ in range(200)]
 

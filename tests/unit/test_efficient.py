@@ -10,12 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tunestack.data.collators import PadCollator
-from tunestack.train.efficient import (
-    DocumentCollator,
+from tunestack.data.collators import DocumentCollator, PackedCollator, PadCollator, document_position_ids
+from tunestack.train.fast.efficient import (
     LinearCrossEntropy,
-    PackedCollator,
-    document_position_ids,
     hf_model,
     plain_linear_head,
     trained_positions_loss,
@@ -162,7 +159,7 @@ def test_packed_attention_stays_inside_each_sample(tiny_model):
 def test_varlen_attention_equals_the_block_diagonal_mask(tiny_models, family, monkeypatch):
     """Per-sample SDPA on a packed row: the same loss and gradients as SDPA through transformers' packed mask,
     and each sample's logits equal its logits when run alone."""
-    from tunestack.train import varlen
+    from tunestack.train.fast import varlen
 
     model = _lora(tiny_models[family])
     packed = PackedCollator()(SAMPLES)
@@ -205,7 +202,7 @@ def _counting(calls):
 
 
 def test_varlen_attention_leaves_padded_batches_and_generation_to_sdpa(tiny_model):
-    from tunestack.train.varlen import varlen_attention
+    from tunestack.train.fast.varlen import varlen_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     padded = PadCollator(pad_token_id=2)(SAMPLES)
@@ -276,7 +273,7 @@ def test_sft_losses_match_with_and_without_the_optimisations(cli, tiny_model, tm
 @pytest.mark.parametrize("varlen_on", [False, True], ids=["mask", "varlen"])
 def test_document_attention_loss_is_the_loss_of_each_document_alone(tiny_model, varlen_on):
     """PT blocks with --document_attention: a block's loss is that of its documents run one by one."""
-    from tunestack.train.varlen import varlen_attention
+    from tunestack.train.fast.varlen import varlen_attention
 
     documents = [[1, 5, 9, 14, 2], [1, 30, 31, 32, 33, 34, 2], [1, 40, 41, 2], [1, 50, 51, 52, 53, 54, 55, 56, 2]]
     flat = [t for d in documents for t in d]  # 25 tokens: two blocks of 12, cut across documents like PT does

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tunestack.train.packed_logps import use_packed_logps
+from tunestack.train.fast.packed_logps import use_packed_logps
 
 # Four rows (two chosen, two rejected), right-padded with 0; the first tokens of each row are prompt.
 ROWS = [[1, 5, 9, 14, 22, 7, 2], [1, 30, 31, 2], [1, 5, 9, 40, 2], [1, 30, 31, 50, 51, 52, 53, 2]]
@@ -54,7 +54,7 @@ def _logps_and_grads(model, ids, mask, labels):
 def test_packed_logps_equal_trls_padded_fused_head(tiny_models, family, lora, monkeypatch):
     """LoRA (frozen output layer: gradients taken in the forward pass) and full tuning (the output layer trains:
     checkpointed chunks) both give TRL's values and gradients."""
-    from tunestack.train import packed_logps
+    from tunestack.train.fast import packed_logps
 
     model = _model(tiny_models[family], lora)
     ids, mask, labels = _batch()

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from tunestack.train.packed_scores import use_packed_scores
+from tunestack.train.fast.packed_scores import use_packed_scores
 
 # Chosen, chosen, rejected, rejected; right-padded with the pad id 2 (= EOS, as in many chat models).
 ROWS = [[1, 5, 9, 14, 22, 7, 2], [1, 30, 31, 2], [1, 5, 9, 40, 2], [1, 30, 31, 50, 51, 52, 53, 2]]

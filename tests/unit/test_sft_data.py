@@ -10,8 +10,9 @@ import pytest
 from tokenizers import processors
 from transformers import AutoTokenizer
 
-from tunestack.data.formats import Conversation, Message, load_conversations, parse_record, write_rejects
+from tunestack.data.formats import Conversation, Message, load_conversations, parse_record
 from tunestack.data.preview import preview
+from tunestack.data.records import write_rejects
 from tunestack.data.supervised import (
     IGNORE_INDEX,
     SegmentTokenizer,
@@ -146,9 +147,9 @@ FORMAT_RECORDS = {
 def test_every_format_normalises_to_the_same_conversation(tmp_path, kind):
     path = write_jsonl(tmp_path / "d.jsonl", [FORMAT_RECORDS[kind]])
     loaded = load_conversations([path])
-    assert loaded.conversations == [Conversation(CONV.system, CONV.messages, f"{path}:1")]
+    assert loaded.items == [Conversation(CONV.system, CONV.messages, f"{path}:1")]
     forced = kind.removesuffix("_user_assistant")
-    assert load_conversations([path], data_format=forced).conversations == loaded.conversations
+    assert load_conversations([path], data_format=forced).items == loaded.items
     assert loaded.formats == {str(path): forced}
 
 
@@ -225,7 +226,7 @@ def test_skip_bad_records_keeps_the_good_ones_and_writes_rejects(tmp_path):
         [FORMAT_RECORDS["sharegpt"], "{broken", {"conversations": [{"from": "human", "value": "hi"}]}],
     )
     loaded = load_conversations([path], skip_bad_records=True)
-    assert [c.origin for c in loaded.conversations] == [f"{path}:1"]
+    assert [c.origin for c in loaded.items] == [f"{path}:1"]
     assert [(r["where"], r["reason"]) for r in loaded.rejects] == [
         (f"{path}:2", "malformed JSON (Expecting property name enclosed in double quotes at column 2)"),
         (f"{path}:3", "the last turn (1) is a user turn; a conversation must end with an assistant answer"),

@@ -48,13 +48,14 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _field_types(dataclass_types: tuple[type, ...]) -> dict[str, Any]:
-    out = {}
+def option_types(dataclass_types: tuple[type, ...]) -> dict[str, Any]:
+    """Option name -> type of every field of the dataclasses (the first class to have a name wins)."""
+    out: dict[str, Any] = {}
     for dc in dataclass_types:
         hints = typing.get_type_hints(dc)
         for f in dataclasses.fields(dc):
             if f.init:
-                out[f.name] = hints.get(f.name, f.type)
+                out.setdefault(f.name, hints.get(f.name, f.type))
     return out
 
 
@@ -116,7 +117,7 @@ def parse_into(dataclass_types: tuple[type, ...], argv: list[str], prog: str, de
     Raises ConfigError listing every unknown flag and every problem reported by the
     dataclasses' `problems()` methods.
     """
-    field_types = _field_types(dataclass_types)
+    field_types = option_types(dataclass_types)
     known = set(field_types)
     argv = list(argv)
     prefix: list[str] = []
@@ -141,6 +142,16 @@ def parse_into(dataclass_types: tuple[type, ...], argv: list[str], prog: str, de
     if problems:
         raise ConfigError(problems)
     return objs
+
+
+def hub_dataset_problem(dataset_name: str | None) -> list[str]:
+    """The problem with a --dataset_name (hub datasets are never fetched), or none."""
+    if not dataset_name:
+        return []
+    return [
+        f"--dataset_name {dataset_name}: tunestack runs offline and does not fetch hub datasets; "
+        "download it once and pass the files with --train_file_dir"
+    ]
 
 
 def print_help(dataclass_types: tuple[type, ...], prog: str, description: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tunestack.config.parse import hub_dataset_problem
+
 
 @dataclass
 class PretrainDataArguments:
@@ -47,11 +49,7 @@ class PretrainDataArguments:
 
     def problems(self) -> list[str]:
         out = []
-        if self.dataset_name:
-            out.append(
-                f"--dataset_name {self.dataset_name}: tunestack runs offline and does not fetch hub datasets; "
-                "download it once and pass the files with --train_file_dir"
-            )
+        out += hub_dataset_problem(self.dataset_name)
         if not self.train_file_dir:
             out.append("--train_file_dir is required")
         if self.block_size is not None and self.block_size < 2:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tunestack.config.parse import hub_dataset_problem
+
 ALGOS = ("ppo", "grpo", "rloo")
 
 
@@ -85,8 +87,5 @@ class RLArguments:
             out.append("RL needs a reward: --reward_model DIR and/or --reward_funcs module:function")
         if self.batch_size % self.mini_batch_size:
             out.append("--batch_size must be a multiple of --mini_batch_size")
-        if self.dataset_name:
-            out.append(
-                f"--dataset_name {self.dataset_name}: tunestack runs offline; pass local files with --train_file_dir"
-            )
+        out += hub_dataset_problem(self.dataset_name)
         return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tunestack.config.parse import hub_dataset_problem
+
 
 @dataclass
 class SupervisedDataArguments:
@@ -54,10 +56,7 @@ class SupervisedDataArguments:
 
     def problems(self) -> list[str]:
         out = []
-        if self.dataset_name:
-            out.append(
-                f"--dataset_name {self.dataset_name}: tunestack runs offline; pass local files with --train_file_dir"
-            )
+        out += hub_dataset_problem(self.dataset_name)
         if not self.train_file_dir:
             out.append("--train_file_dir is required")
         if self.model_max_length < 8:

@@ -42,16 +42,18 @@ def main(argv: list[str]) -> int:
         print_help((PreviewArguments,), "tunestack data preview", __doc__ or "")
         return 0
     (args,) = parse_into((PreviewArguments,), rest, prog="tunestack data preview")
+    from tunestack.data.formats import CONVERSATIONS
     from tunestack.data.preview import preview
+    from tunestack.data.records import load_files, with_default_system
     from tunestack.data.templates import get_template
-    from tunestack.model.load import load_tokenizer, resolve_model
-    from tunestack.train.sft import load_chat_split, with_default_system
+    from tunestack.model.load import load_tokenizer
+    from tunestack.model.ref import resolve_model
 
     ref = None if args.tokenizer_name_or_path else resolve_model(args.model_name_or_path)
     tokenizer = load_tokenizer(ref, args.tokenizer_name_or_path, args.trust_remote_code)
     template = get_template(args.template_name, tokenizer)
-    _, loaded = load_chat_split(args.train_file_dir, args)
-    conversations = with_default_system(loaded.conversations, args.system_prompt)
+    _, loaded = load_files(args.train_file_dir, CONVERSATIONS, args.data_format, args.skip_bad_records)
+    conversations = with_default_system(loaded.items, args.system_prompt)
     print(f"{loaded.summary()}\n")  # noqa: T201
     print(preview(conversations, tokenizer, template, args.model_max_length, n=args.num_samples))  # noqa: T201
     return 0

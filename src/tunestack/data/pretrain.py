@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tunestack.atomic import staged_folder
+from tunestack.data.records import held_out_indices
 from tunestack.data.sources import TEXT_SUFFIXES, find_data_files, fingerprint_files, iter_records, read_text
 from tunestack.errors import ConfigError, DataError
 
@@ -220,15 +221,9 @@ def cached_dataset(cache_dir: Path, build: Any, overwrite: bool) -> tuple[Any, d
         except (FileNotFoundError, ValueError):
             shutil.rmtree(cache_dir, ignore_errors=True)
     dataset, stats = build()
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir.parent))
-    dataset.save_to_disk(str(staging))
-    (staging / stats_file).write_text(json.dumps(stats))
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    try:
-        staging.rename(cache_dir)
-    except OSError:  # another process finished the same cache first
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(cache_dir, "build") as staging:
+        dataset.save_to_disk(str(staging))
+        (staging / stats_file).write_text(json.dumps(stats))
     return datasets.load_from_disk(str(cache_dir)), stats, False
 
 
@@ -270,10 +265,11 @@ def load_pretrain_corpus(
     evaluation, eval_fp = None, ""
     if eval_files:
         evaluation, eval_fp = build_split(eval_files, "eval")
-    elif do_eval and data_args.validation_split_percentage > 0 and len(train) > 1:
-        n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
-        split = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-        train, evaluation = split["train"], split["test"]
+    elif do_eval:
+        held = held_out_indices(len(train), data_args.validation_split_percentage, seed)
+        if held:
+            evaluation = train.select(sorted(held))
+            train = train.select([i for i in range(len(train)) if i not in held])
     if data_args.max_train_samples and data_args.max_train_samples > 0:
         train = train.select(range(min(len(train), data_args.max_train_samples)))
     if evaluation is not None and data_args.max_eval_samples and data_args.max_eval_samples > 0:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunestack.data.formats import Message, parse_record
 from tunestack.data.sources import find_data_files, iter_records, read_text
+from tunestack.data.supervised import SegmentTokenizer
 from tunestack.errors import DataError
 
 PROMPT_KEYS = ("prompt", "question", "query", "instruction")
@@ -58,3 +60,15 @@ def load_prompts(paths: str, data_format: str = "auto", system_prompt: str | Non
     if not prompts:
         raise DataError(f"no prompts found in {paths}")
     return prompts
+
+
+class PromptEncoder:
+    """Prompt -> ids with the SFT template (the policy sees what it was trained on), keeping the end."""
+
+    def __init__(self, tokenizer: Any, template: Any, max_length: int):
+        self.encoder = SegmentTokenizer(tokenizer, template)
+        self.max_length = max_length
+
+    def __call__(self, prompt: Prompt) -> list[int]:
+        ids = self.encoder.encode_prompt(list(prompt.messages), prompt.system)
+        return ids[-self.max_length :]

@@ -19,8 +19,8 @@ from typing import Any
 from tunestack.errors import DataError
 
 TEXT_SUFFIXES = (".txt",)
-STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-KNOWN_SUFFIXES = TEXT_SUFFIXES + STRUCTURED_SUFFIXES
+RECORD_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+KNOWN_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,20 @@ class Record:
     data: dict[str, Any]
     file: str
     line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a JSON-lines file that is not a JSON object, kept so that later lines are still read."""
+
+    file: str
+    line: int
+    text: str
+    reason: str
 
     @property
     def where(self) -> str:
@@ -89,11 +103,7 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def _json_records(path: Path, text: str) -> Iterator[Record]:
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _json_array_records(path, text)
-        return
+def _json_lines(path: Path, text: str) -> Iterator[Record | BadLine]:
     # Lines end at "\n" only: str.splitlines would also split at U+2028, U+0085, form feed ..., which
     # json.dumps(ensure_ascii=False) leaves raw inside strings. A trailing "\r" is JSON whitespace.
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -102,9 +112,11 @@ def _json_records(path: Path, text: str) -> Iterator[Record]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            yield BadLine(str(path), lineno, line, f"malformed JSON ({exc.msg} at column {exc.colno})")
+            continue
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield BadLine(str(path), lineno, line, f"expected a JSON object, got {type(obj).__name__}")
+            continue
         yield Record(obj, str(path), lineno)
 
 
@@ -130,11 +142,14 @@ def _json_array_records(path: Path, text: str) -> Iterator[Record]:
         yield Record(obj, str(path), lineno)
 
 
-def iter_records(path: Path) -> Iterator[Record]:
-    """Structured records of one file. Line numbers are 1-based; CSV rows count the header as line 1."""
+def read_records(path: Path) -> Iterator[Record | BadLine]:
+    """Records of one file, a malformed JSON line yielded as a `BadLine` (a JSON array or a CSV/parquet file
+    cannot be read past a syntax error: that is a DataError). Line numbers are 1-based; CSV rows count the
+    header as line 1."""
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        yield from _json_records(path, read_text(path))
+        text = read_text(path)
+        yield from _json_array_records(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
     elif suffix == ".csv":
         # newline="" lets quoted fields keep their line breaks; a record's line is where its row starts.
         reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
@@ -157,9 +172,12 @@ def iter_records(path: Path) -> Iterator[Record]:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'")
 
 
-def iter_all_records(files: Iterable[Path]) -> Iterator[Record]:
-    for path in files:
-        yield from iter_records(path)
+def iter_records(path: Path) -> Iterator[Record]:
+    """Records of one file; the first malformed line is a DataError."""
+    for item in read_records(path):
+        if isinstance(item, BadLine):
+            raise DataError(f"{item.where}: {item.reason}")
+        yield item
 
 
 def fingerprint_files(files: Iterable[Path]) -> str:

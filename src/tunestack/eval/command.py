@@ -11,15 +11,20 @@ import gc
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tunestack.config.model import DTYPES
-from tunestack.errors import ConfigError, TunestackError
-from tunestack.eval.metrics import SEGMENTATION, answer_scores, has_jieba, score_answers
-from tunestack.infer.batch import PromptItem, generate_all, write_jsonl_atomic
-from tunestack.infer.generate import ChatModel, GenerationArguments, ModelSelection
+from tunestack.atomic import write_json_atomic, write_jsonl_atomic
+from tunestack.config.eval import EvalArguments, option_classes
+from tunestack.config.infer import GenerationArguments, ModelSelection
+from tunestack.data.sources import fingerprint_files
+from tunestack.errors import ConfigError
+from tunestack.eval.metrics import answer_scores, has_jieba, score_answers
+from tunestack.infer.batch import PromptItem, generate_all
+from tunestack.infer.generate import ChatModel
+from tunestack.model.ref import root_base
+from tunestack.rundir import OutputFolder
 
 logger = logging.getLogger("tunestack")
 
@@ -29,100 +34,7 @@ DESCRIPTION = (
 )
 
 
-@dataclass
-class EvalArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Model(s) to evaluate, comma separated: stage output folders, HF folders, .gguf files or "
-            "aliases (default: smollm2-135m-instruct)."
-        },
-    )
-    include_base: bool = field(
-        default=True,
-        metadata={"help": "Also evaluate the base model under the first model (labelled 'base'), for before/after."},
-    )
-    eval_text_dir: str | None = field(
-        default=None, metadata={"help": "Held-out text (.txt, or json/jsonl with 'text') for perplexity."}
-    )
-    eval_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Prompts with reference answers (jsonl/json/csv/parquet: prompt/question/instruction + "
-            "reference/answer/output, or SFT conversations whose last answer is the reference)."
-        },
-    )
-    probe_prompts: str | None = field(
-        default=None,
-        metadata={"help": "Probe prompts (.txt lines or jsonl); default: a built-in list; 'none' for no probes."},
-    )
-    reward_model: str | None = field(
-        default=None, metadata={"help": "A tunestack rm output: score every answer with it (also --reward_model_path)."}
-    )
-    output_dir: str | None = field(default=None, metadata={"help": "Where eval.json and predictions.jsonl go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an earlier eval in --output_dir."})
-    template_name: str | None = field(default=None, metadata={"help": "Chat template (default: the tokenizer's)."})
-    torch_dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16.", "choices": DTYPES})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model folder's own Python code."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Prompts generated (or text blocks scored) together."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per perplexity block."})
-    max_eval_blocks: int | None = field(default=200, metadata={"help": "Perplexity on at most N blocks (-1: all)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most N prompts of --eval_file."})
-    segmentation: str = field(
-        default="auto",
-        metadata={
-            "help": "Chinese word segmentation for BLEU/ROUGE: auto (jieba if installed, else characters), "
-            "jieba or char.",
-            "choices": SEGMENTATION,
-        },
-    )
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.output_dir:
-            out.append("--output_dir is required")
-        if self.eval_batch_size < 1:
-            out.append("--eval_batch_size must be at least 1")
-        if self.block_size < 2:
-            out.append("--block_size must be at least 2")
-        if self.segmentation == "jieba" and not has_jieba():
-            out.append("--segmentation jieba: jieba is not installed (pip install jieba)")
-        return out
-
-    @property
-    def models(self) -> list[str]:
-        names = [m.strip() for m in (self.model_name_or_path or "").split(",") if m.strip()]
-        return names or ["smollm2-135m-instruct"]
-
-
-@dataclass
-class EvalGenerationArguments(GenerationArguments):
-    """Generation options with evaluation defaults: greedy decoding, short answers."""
-
-    max_new_tokens: int = field(default=128, metadata={"help": "Longest answer, in tokens."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 (default) is greedy."})
-
-
-def argument_classes() -> tuple[type, ...]:
-    return (EvalArguments, EvalGenerationArguments)
-
-
 # ---------------------------------------------------------------------------------------------
-
-
-def root_base(reference: str) -> str:
-    """The model at the bottom of a stage output's run.json chain (the alias or folder training started from)."""
-    from tunestack.model.load import read_run_manifest
-
-    seen = set()
-    while reference not in seen:
-        seen.add(reference)
-        path = Path(reference).expanduser()
-        manifest = read_run_manifest(path) if path.is_dir() else None
-        if not manifest or not manifest.get("base_model"):
-            return reference
-        reference = str(manifest["base_model"])
-    return reference
 
 
 def model_label(reference: str) -> str:
@@ -152,26 +64,19 @@ def models_to_evaluate(args: EvalArguments) -> list[tuple[str, str]]:
 
 
 class RewardScorer:
-    """Scores answers with a tunestack reward model (skipped, with a note, where the reward module is missing)."""
+    """Scores answers with a tunestack reward model, tokenized as the reward model was trained."""
 
     def __init__(self, reference: str, torch_dtype: str, trust_remote_code: bool):
-        try:
-            from tunestack.model.reward import load_reward_model, score_responses
-        except ImportError as exc:  # the reward-model module is part of the rm stage
-            self.note = f"reward scores skipped: tunestack.model.reward is not available ({exc})"
-            self.model = None
-            return
-        self.note = ""
-        self._score = score_responses
+        from tunestack.model.reward import load_reward_model
+
         self.model, self.tokenizer, self.template = load_reward_model(reference, torch_dtype, trust_remote_code)
 
-    def __call__(self, items: list[PromptItem], answers: list[str], batch_size: int) -> list[float] | None:
-        if self.model is None:
-            return None
+    def __call__(self, items: list[PromptItem], answers: list[str], batch_size: int) -> list[float]:
         from tunestack.data.formats import Message
+        from tunestack.model.reward import score_responses
 
         prompts = [(item.system, tuple(Message(m["role"], m["content"]) for m in item.messages)) for item in items]
-        return self._score(self.model, self.tokenizer, self.template, prompts, answers, batch_size=batch_size)
+        return score_responses(self.model, self.tokenizer, self.template, prompts, answers, batch_size=batch_size)
 
 
 def evaluate_model(
@@ -244,10 +149,11 @@ def _summary_table(results: list[dict[str, Any]]) -> str:
 def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
     from tunestack.eval.perplexity import read_documents
     from tunestack.eval.prompts import probe_items, read_items
-    from tunestack.train.output import OutputFolder, write_json_atomic
 
     started = time.time()
     assert args.output_dir is not None
+    if args.segmentation == "jieba" and not has_jieba():
+        raise ConfigError("--segmentation jieba: jieba is not installed (pip install jieba)")
     output = OutputFolder(args.output_dir, "eval")
     output.plan(None, args.overwrite_output_dir)
     for name in ("eval.json", "predictions.jsonl"):
@@ -260,45 +166,31 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
     if not (docs or items or probes):
         raise ConfigError("nothing to evaluate: give --eval_text_dir, --eval_file or --probe_prompts")
     models = models_to_evaluate(args)
-    from dataclasses import asdict
-
-    from tunestack.data.sources import fingerprint_files
-
     data_files = [*text_files, *([Path(args.eval_file)] if args.eval_file else [])]
-    output.begin(
-        {
-            "base_model": models[0][1],
-            "tuning_method": None,
-            "options": {"eval": asdict(args), "generation": asdict(gen)},
-            "data_fingerprint": fingerprint_files(data_files) if data_files else None,
-            "data_stats": {"documents": len(docs), "prompts": len(items), "probes": len(probes)},
-        }
-    )
-    try:
+    manifest = {
+        "base_model": models[0][1],
+        "tuning_method": None,
+        "options": {"eval": asdict(args), "generation": asdict(gen)},
+        "data_fingerprint": fingerprint_files(data_files) if data_files else None,
+        "data_stats": {"documents": len(docs), "prompts": len(items), "probes": len(probes)},
+    }
+    with output.running(manifest):
         scorer = (
             RewardScorer(args.reward_model, args.torch_dtype, args.trust_remote_code) if args.reward_model else None
         )
-        if scorer is not None and scorer.note:
-            logger.warning("%s", scorer.note)
         results, rows = [], []
         for i, (label, reference) in enumerate(models, start=1):
             print(f"[eval {i}/{len(models)}] {label}: {reference}", flush=True)  # noqa: T201
             metrics, model_rows = evaluate_model(label, reference, args, gen, docs, items, probes, scorer)
             results.append({"label": label, "reference": reference, "metrics": metrics})
             rows += model_rows
-    except TunestackError as exc:
-        output.abandon(str(exc))
-        raise
-    except BaseException as exc:
-        output.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
     report = {
         "models": results,
         "probes": [p.prompt for p in probes],
         "eval_file": args.eval_file,
         "eval_text_dir": args.eval_text_dir,
         "reward_model": args.reward_model,
-        "notes": [scorer.note] if scorer is not None and scorer.note else [],
+        "notes": [],
         "segmentation": args.segmentation if args.segmentation != "auto" else ("jieba" if has_jieba() else "char"),
     }
     write_json_atomic(output.path / "eval.json", report)
@@ -321,9 +213,9 @@ def main(argv: list[str]) -> int:
     from tunestack.config.parse import parse_into, print_help
 
     if "-h" in argv or "--help" in argv:
-        print_help(argument_classes(), "tunestack eval", DESCRIPTION)
+        print_help(option_classes(), "tunestack eval", DESCRIPTION)
         return 0
-    args, gen = parse_into(argument_classes(), argv, prog="tunestack eval", description=DESCRIPTION)
+    args, gen = parse_into(option_classes(), argv, prog="tunestack eval", description=DESCRIPTION)
     return run_eval(args, gen)
 
 

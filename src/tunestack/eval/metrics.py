@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import cache
 
-SEGMENTATION = ("auto", "jieba", "char")
+from tunestack.config.eval import SEGMENTATION
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\U00020000-\U0002a6df"
 _CJK_RUN = re.compile(f"[{_CJK}]+")

@@ -8,27 +8,14 @@ from typing import Any
 
 from tunestack.errors import DataError
 
-TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
-
 
 def read_documents(paths: str, text_field: str = "text") -> tuple[list[str], list[Path]]:
-    """Documents of .txt files (one per file) and of json/jsonl records' `text_field`; and the files read."""
-    from tunestack.data.sources import find_data_files, iter_records, read_text
+    """Documents of the evaluation text (one per .txt file, or each record's `text_field`), and the files read."""
+    from tunestack.data.pretrain import iter_documents
+    from tunestack.data.sources import find_data_files
 
-    files = find_data_files(paths, TEXT_SUFFIXES, what="evaluation text")
-    docs: list[str] = []
-    for path in files:
-        if path.suffix.lower() == ".txt":
-            text = read_text(path).strip()
-            if text:
-                docs.append(text)
-            continue
-        for record in iter_records(path):
-            value = record.data.get(text_field)
-            if not isinstance(value, str):
-                raise DataError(f"{record.where}: no '{text_field}' string in this record")
-            if value.strip():
-                docs.append(value)
+    files = find_data_files(paths, what="evaluation text")
+    docs = [doc for path in files for doc in iter_documents(path, text_field, keep_linebreaks=True)]
     if not docs:
         raise DataError(f"{paths}: the evaluation text is empty")
     return docs, files

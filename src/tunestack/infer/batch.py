@@ -10,41 +10,21 @@ MedicalGPT's inference.py flags are accepted: --interactive runs the chat, --sin
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunestack.atomic import write_jsonl_atomic
+from tunestack.config.infer import ChatArguments, GenerationArguments, InferArguments, ModelSelection
 from tunestack.errors import ConfigError, DataError
-from tunestack.infer.generate import ChatModel, GenerationArguments, ModelSelection, describe
+from tunestack.infer.generate import ChatModel, describe
 
 PROMPT_KEYS = ("instruction", "prompt", "question", "query")
 REFERENCE_KEYS = ("output", "response", "answer", "chosen", "response_chosen")
 TURN_KEYS = ("messages", "conversations")
 _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-STRUCTURED = (".json", ".jsonl", ".csv", ".parquet")
-
-
-@dataclass
-class InferArguments:
-    data_file: str | None = field(
-        default=None, metadata={"help": "Prompts: .txt (one per line) or .jsonl/.json/.csv/.parquet records."}
-    )
-    output_file: str = field(default="predictions.jsonl", metadata={"help": "Where the answers go (jsonl)."})
-    eval_batch_size: int = field(default=4, metadata={"help": "Prompts generated together (left padded)."})
-    interactive: bool = field(default=False, metadata={"help": "Chat instead (same as tunestack chat)."})
-    single_tune: bool = field(default=False, metadata={"help": "With --interactive: no conversation history."})
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.eval_batch_size < 1:
-            out.append("--eval_batch_size must be at least 1")
-        if not self.interactive and not self.data_file:
-            out.append("--data_file is required (or --interactive to chat)")
-        return out
 
 
 @dataclass
@@ -136,11 +116,11 @@ def prompt_from_record(data: dict[str, Any], where: str) -> PromptItem:
 
 def read_prompts(path: Path) -> list[PromptItem]:
     """Every prompt of `path`; all bad records are reported together as one DataError."""
-    from tunestack.data.sources import iter_records, read_text
+    from tunestack.data.sources import RECORD_SUFFIXES, iter_records, read_text
 
     if not path.is_file():
         raise DataError(f"--data_file does not exist: {path}")
-    if path.suffix.lower() not in STRUCTURED:
+    if path.suffix.lower() not in RECORD_SUFFIXES:
         return [
             PromptItem([{"role": "user", "content": line.strip()}], None, f"{path}:{n}")
             for n, line in enumerate(read_text(path).splitlines(), start=1)
@@ -183,21 +163,9 @@ def generate_all(
     return answers
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_infer(selection: ModelSelection, options: GenerationArguments, args: InferArguments) -> int:
     if args.interactive:
-        from tunestack.infer.chat import ChatArguments, run_chat
+        from tunestack.infer.chat import run_chat
 
         return run_chat(selection, options, ChatArguments(single_tune=args.single_tune))
     assert args.data_file is not None

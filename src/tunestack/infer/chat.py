@@ -12,29 +12,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TextIO
 
-from tunestack.infer.generate import ChatModel, GenerationArguments, ModelSelection, describe, lstrip_stream
+from tunestack.config.infer import ChatArguments, GenerationArguments, ModelSelection
+from tunestack.infer.generate import ChatModel, describe, lstrip_stream
 
 COMMANDS_HELP = (
     "/clear forgets the conversation, /system <text> sets the system prompt (/system alone removes it), "
     "/exit quits (also exit, Ctrl-D); Ctrl-C stops an answer"
 )
 EXIT_WORDS = ("/exit", "/quit", "exit", "quit")
-
-
-@dataclass
-class ChatArguments:
-    prompt: str | None = field(
-        default=None, metadata={"help": "Answer this one prompt, print only the answer, and exit (for scripts)."}
-    )
-    single_tune: bool = field(
-        default=False, metadata={"help": "Answer each question on its own, without the conversation history."}
-    )
-    show_prompt: bool = field(
-        default=False, metadata={"help": "Print the exact prompt given to the model before each answer (to stderr)."}
-    )
 
 
 class ChatSession:

@@ -15,121 +15,18 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from tunestack.config.model import DTYPES, ModelArguments
+from tunestack.config.infer import GenerationArguments, ModelSelection
+from tunestack.config.model import ModelArguments
 from tunestack.data.supervised import auto_bos_id
 from tunestack.errors import ConfigError, ModelError
-from tunestack.model.load import ModelRef, load_model, load_tokenizer
-from tunestack.model.merge import resolve_stack, training_system_prompt, untie_adapted_embeddings
+from tunestack.model.load import load_model, load_tokenizer
+from tunestack.model.ref import ModelRef, resolve_stack, training_system_prompt
 
 logger = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, str]]
-
-
-@dataclass
-class ModelSelection:
-    """Which model to talk to (chat, infer)."""
-
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Model: a tunestack stage output or merged folder, a HF folder, a .gguf file, or a built-in "
-            "alias (default: smollm2-135m-instruct)."
-        },
-    )
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Same as --model."})
-    base_model: str | None = field(
-        default=None, metadata={"help": "Base model for --lora_model (MedicalGPT style); same as --model otherwise."}
-    )
-    lora_model: str | None = field(
-        default=None, metadata={"help": "An adapter (or stage output) folder to stack on the base model."}
-    )
-    adapter: str | None = field(default=None, metadata={"help": "Same as --lora_model."})
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder, when not the model's."})
-    template_name: str | None = field(
-        default=None,
-        metadata={"help": "A named chat template (vicuna, chatml, qwen, llama3 ...); default: the tokenizer's own."},
-    )
-    torch_dtype: str = field(
-        default="auto",
-        metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.", "choices": DTYPES},
-    )
-    device_map: str | None = field(default=None, metadata={"help": "accelerate device map (default: auto on GPU)."})
-    only_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
-    cpu_only: bool = field(default=False, metadata={"help": "Same as --only_cpu."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit (bitsandbytes)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 (bitsandbytes)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model folder's own Python code."})
-    resize_emb: bool = field(
-        default=False, metadata={"help": "Accepted for compatibility: embeddings grow to the tokenizer automatically."}
-    )
-    model_type: str | None = field(default=None, metadata={"help": "Accepted for compatibility; ignored."})
-
-    def problems(self) -> list[str]:
-        out = []
-        names = [n for n in (self.model, self.model_name_or_path, self.base_model) if n]
-        if len(set(names)) > 1:
-            out.append("--model, --model_name_or_path and --base_model name the same thing; give one of them")
-        if self.lora_model and self.adapter and self.lora_model != self.adapter:
-            out.append("--adapter is a synonym of --lora_model; give only one of them")
-        if self.load_in_4bit and self.load_in_8bit:
-            out.append("--load_in_4bit and --load_in_8bit exclude each other")
-        return out
-
-    @property
-    def reference(self) -> str | None:
-        return self.model or self.model_name_or_path or self.base_model
-
-    def resolve(self) -> ModelRef:
-        return resolve_stack(self.reference, self.lora_model or self.adapter)
-
-
-@dataclass
-class GenerationArguments:
-    system_prompt: str | None = field(
-        default=None,
-        metadata={"help": "System prompt of every conversation (default: the one the model was trained with, if any)."},
-    )
-    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer, in tokens."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the tokens of this much probability."})
-    top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0: all)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1.0: none)."})
-    do_sample: bool | None = field(
-        default=None,
-        metadata={"help": "Sample (true) or decode greedily (false); default: sample when temperature > 0."},
-    )
-    seed: int | None = field(default=None, metadata={"help": "Random seed, for repeatable sampling."})
-    stop_str: str | None = field(
-        default=None, metadata={"help": "Extra text that ends an answer (comma-separated for several); cut off."}
-    )
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_new_tokens < 1:
-            out.append("--max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            out.append("--temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            out.append("--top_p must be in (0, 1]")
-        if self.top_k < 0:
-            out.append("--top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            out.append("--repetition_penalty must be > 0")
-        if self.do_sample and self.temperature == 0:
-            out.append("--do_sample true needs --temperature > 0")
-        return out
-
-    @property
-    def sampling(self) -> bool:
-        return self.temperature > 0 if self.do_sample is None else bool(self.do_sample)
-
-    @property
-    def stop_strings(self) -> list[str]:
-        return [s for s in (self.stop_str or "").split(",") if s.strip()]
 
 
 def stop_token_ids(ref: ModelRef, model: Any, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
@@ -201,7 +98,7 @@ class ChatModel:
     def load(cls, selection: ModelSelection) -> ChatModel:
         import torch
 
-        ref = selection.resolve()
+        ref = resolve_stack(selection.reference, selection.adapter_path)
         tokenizer = load_tokenizer(ref, selection.tokenizer_path, selection.trust_remote_code)
         template = _named_template(selection.template_name, tokenizer)
         if template is None and not getattr(tokenizer, "chat_template", None):
@@ -219,11 +116,9 @@ class ChatModel:
         )
         if not on_gpu and args.torch_dtype == "auto":
             args.torch_dtype = "float32"
-        # The newest adapter is merged here rather than in load_model, untying embeddings it touches first.
-        model = load_model(ref, args, tokenizer=tokenizer, keep_last_adapter=True)
-        if hasattr(model, "peft_config") and not (args.load_in_4bit or args.load_in_8bit):
-            untie_adapted_embeddings(model)
-            model = model.merge_and_unload()
+        # Every adapter is merged in (exact, and faster to generate with); under a 4/8-bit load the newest
+        # stays live, since an adapter cannot be merged into quantized weights.
+        model = load_model(ref, args, tokenizer=tokenizer, keep_last_adapter=args.load_in_4bit or args.load_in_8bit)
         model.eval()
         extra: list[int] = []
         if template is not None:

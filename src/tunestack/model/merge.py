@@ -14,25 +14,20 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import re
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunestack.config.model import DTYPES, ModelArguments
+from tunestack.atomic import remove_stale_staging, staged_folder
+from tunestack.config.merge import MergeArguments
+from tunestack.config.model import ModelArguments
 from tunestack.errors import ConfigError, ModelError, TunestackError
-from tunestack.model.load import (
-    RUN_MANIFEST,
-    ModelRef,
-    load_model,
-    load_tokenizer,
-    read_run_manifest,
-    resolve_model,
-)
+from tunestack.model.adapters import adapter_task_type, require_mergeable, stack_adapters
+from tunestack.model.load import load_model, load_tokenizer, resolve_dtype
+from tunestack.model.ref import ModelRef, resolve_stack, training_system_prompt
+from tunestack.rundir import library_versions, verify_saved_model, write_run_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -45,69 +40,13 @@ PROBE_TEXTS = (
     "病人发烧咳嗽三天了，应该怎么办？",
 )
 MAX_PROBE_TOKENS = 48
-_STAGING = re.compile(r"^\.(?P<name>.+)\.merging-(?P<pid>\d+)-")
+STAGING_TAG = "merging"
 
 
 class MergeCheckError(TunestackError):
     """The merged model does not reproduce base + adapter; nothing was written."""
 
     exit_code = 1
-
-
-@dataclass
-class MergeArguments:
-    lora_model: str | None = field(
-        default=None,
-        metadata={"help": "The adapter to merge: a PEFT adapter folder or a tunestack stage output folder."},
-    )
-    model: str | None = field(default=None, metadata={"help": "Same as --lora_model."})
-    base_model: str | None = field(
-        default=None,
-        metadata={"help": "Base model; if omitted, the base named in the adapter's run.json or adapter_config.json."},
-    )
-    tokenizer_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer to save with the model; if omitted, the adapter's, else the base's."}
-    )
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where the merged model goes; if omitted, <adapter folder>-merged beside it."}
-    )
-    max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard, e.g. 2GB, 500MB."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
-    torch_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the saved model: auto (the base checkpoint's), float32, bfloat16, float16. "
-            "The merge itself and its check always run in float32.",
-            "choices": DTYPES,
-        },
-    )
-    device_map: str | None = field(
-        default=None, metadata={"help": "Merge on a GPU (e.g. auto or cuda:0); if omitted, on the CPU."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run the base folder's own Python code."})
-    resize_emb: bool = field(
-        default=False,
-        metadata={"help": "Accepted for compatibility: embeddings grow to the tokenizer's size automatically."},
-    )
-    model_type: str | None = field(default=None, metadata={"help": "Accepted for compatibility; ignored."})
-    hf_hub_model_id: str | None = field(
-        default=None, metadata={"help": "Accepted for compatibility; tunestack never uploads (offline)."}
-    )
-    hf_hub_token: str | None = field(default=None, metadata={"help": "Accepted for compatibility; never used."})
-
-    @property
-    def adapter(self) -> str | None:
-        return self.lora_model or self.model
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.adapter:
-            out.append("--lora_model is required (an adapter folder or a tunestack stage output folder)")
-        if self.lora_model and self.model and self.lora_model != self.model:
-            out.append("--model is a synonym of --lora_model; give only one of them")
-        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMG]i?B|B)?\s*", self.max_shard_size, re.IGNORECASE):
-            out.append(f"--max_shard_size {self.max_shard_size!r}: expected a size such as 2GB or 500MB")
-        return out
 
 
 @dataclass
@@ -125,120 +64,7 @@ class MergeResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Resolving base + adapter (shared with chat and infer)
-
-
-def resolve_stack(reference: str | None = None, adapter: str | None = None) -> ModelRef:
-    """The model to load from MedicalGPT-style flags.
-
-    `reference` alone is any model reference (see `resolve_model`). With `adapter`, the adapter is
-    stacked on `reference` when given (MedicalGPT's --base_model + --lora_model), else on the base
-    recorded in the adapter's run.json / adapter_config.json.
-    """
-    if not adapter:
-        return resolve_model(reference)
-    adapter_dir = Path(adapter).expanduser()
-    if not adapter_dir.is_dir():
-        raise ModelError(f"adapter folder does not exist: {adapter}")
-    is_adapter = (adapter_dir / "adapter_config.json").exists()
-    if reference is None:
-        try:
-            return resolve_model(adapter)
-        except ModelError as exc:
-            if is_adapter:
-                raise ModelError(f"{exc}; or pass the base model with --base_model") from None
-            raise
-    if not is_adapter:
-        raise ModelError(f"{adapter_dir}: no adapter_config.json, so it is not an adapter to put on {reference}")
-    base = resolve_model(reference)
-    return ModelRef(
-        adapter, base.base_dir, base.gguf_file, [*base.adapters, adapter_dir], read_run_manifest(adapter_dir)
-    )
-
-
-def training_system_prompt(ref: ModelRef) -> str | None:
-    """The system prompt the newest stage of the stack trained with (run.json), so chat and merge keep it."""
-    for folder in [*reversed(ref.adapters), ref.base_dir]:
-        manifest = read_run_manifest(folder) or {}
-        data_options = (manifest.get("options") or {}).get("data") or {}
-        found = data_options.get("system_prompt") or manifest.get("system_prompt")
-        if found:
-            return str(found)
-    return None
-
-
-def adapter_task_type(adapter_dir: Path) -> str | None:
-    try:
-        return json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{adapter_dir / 'adapter_config.json'}: cannot read ({exc})") from None
-
-
-# ---------------------------------------------------------------------------------------------
 # Merging in memory
-
-
-def _base_layer(module: Any) -> Any:
-    return getattr(module, "base_layer", module)
-
-
-def untie_adapted_embeddings(model: Any) -> bool:
-    """Give the output embedding its own copy of the weight when it is tied to the input embedding
-    and an adapter touches either of them. Returns True when it untied.
-
-    A live adapter on a tied `lm_head` (or `embed_tokens`) changes only its own side; merging it into
-    the shared matrix would change both. With separate weights the merge reproduces the live model.
-    """
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
-    if inp is None or out is None:
-        return False
-    w_in, w_out = getattr(_base_layer(inp), "weight", None), getattr(_base_layer(out), "weight", None)
-    if w_in is None or w_out is None or w_in.data_ptr() != w_out.data_ptr():
-        return False
-    if not any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in (inp, out)):
-        return False
-    _base_layer(out).weight = torch.nn.Parameter(w_out.detach().clone(), requires_grad=False)
-    for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
-        config.tie_word_embeddings = False
-    return True
-
-
-def attach_adapter(model: Any, adapter_dir: Path) -> Any:
-    """`model` with the adapter in `adapter_dir` live (a PeftModel), tied embeddings made safe to merge."""
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
-        if "size mismatch" in str(exc) or "Error(s) in loading state_dict" in str(exc):
-            raise ModelError(
-                f"{adapter_dir}: the adapter does not fit this base model ({detail}); pass the base it was trained on"
-            ) from None
-        raise
-    if untie_adapted_embeddings(model):
-        logger.info("%s: untied the input/output embeddings (the adapter changes one of them)", adapter_dir)
-    model.eval()
-    return model
-
-
-def _require_mergeable(peft_model: Any, adapter_dir: Path) -> None:
-    if not hasattr(peft_model, "merge_and_unload"):  # prompt/prefix tuning add no weights to merge into
-        kind = peft_model.peft_config["default"].peft_type
-        raise ModelError(f"{adapter_dir}: {kind} adapters cannot be merged into the weights; chat with the adapter")
-
-
-def merge_adapter(model: Any, adapter_dir: Path) -> Any:
-    """Load the adapter onto `model` and merge it into the weights."""
-    peft_model = attach_adapter(model, adapter_dir)
-    _require_mergeable(peft_model, adapter_dir)
-    return peft_model.merge_and_unload()
 
 
 def _probe_inputs(tokenizer: Any, vocab_size: int) -> list[Any]:
@@ -275,26 +101,6 @@ def _max_diff(a: Any, b: Any) -> float:
 # The output folder
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_staging(output: Path) -> None:
-    """Hidden staging folders of this output left by a merge that was killed."""
-    if not output.parent.is_dir():
-        return
-    for child in output.parent.iterdir():
-        m = _STAGING.match(child.name)
-        if m and m["name"] == output.name and child.is_dir() and not _pid_alive(int(m["pid"])):
-            shutil.rmtree(child, ignore_errors=True)
-
-
 def check_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output_dir {output} is a file")
@@ -305,18 +111,6 @@ def check_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise ConfigError(f"--output_dir {output} would replace the input {folder}; choose another folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"--output_dir {output} is not empty; pass --overwrite_output_dir to replace it")
-
-
-def _commit(staging: Path, output: Path) -> None:
-    """Move the finished staging folder to `output`, replacing what is there."""
-    if output.exists():
-        trash = output.with_name(f".{output.name}.replaced-{os.getpid()}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(output, trash)
-        os.replace(staging, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, output)
 
 
 def _copy_support_files(ref: ModelRef, tokenizer_dir: Path, staging: Path) -> None:
@@ -335,8 +129,6 @@ def _copy_support_files(ref: ModelRef, tokenizer_dir: Path, staging: Path) -> No
 def _saved_dtype(name: str, ref: ModelRef) -> Any:
     """The dtype to store: the requested one, or (auto) the base checkpoint's."""
     import torch
-
-    from tunestack.model.load import resolve_dtype
 
     if name != "auto":
         return resolve_dtype(name, for_cuda=False)
@@ -382,7 +174,7 @@ def merge(args: MergeArguments) -> MergeResult:
         Path(args.output_dir).expanduser() if args.output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
     )
     check_output_dir(output, args.overwrite_output_dir, [ref.base_dir, *ref.adapters])
-    _remove_stale_staging(output)
+    remove_stale_staging(output, STAGING_TAG)
     saved_dtype = _saved_dtype(args.torch_dtype, ref)
 
     tokenizer = load_tokenizer(ref, args.tokenizer_path, args.trust_remote_code)
@@ -398,10 +190,8 @@ def merge(args: MergeArguments) -> MergeResult:
     model = _dequantize_if_needed(model)
     if seq_cls and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # batched scoring finds the last token with it
-    for earlier in ref.adapters[:-1]:
-        model = merge_adapter(model, earlier)
-    model = attach_adapter(model, adapter_dir)
-    _require_mergeable(model, adapter_dir)
+    model = stack_adapters(model, ref.adapters, keep_last=True)
+    require_mergeable(model, adapter_dir)
 
     probes = _probe_inputs(tokenizer, model.get_base_model().get_input_embeddings().weight.shape[0])
     live = _logits(model, probes)
@@ -421,17 +211,13 @@ def merge(args: MergeArguments) -> MergeResult:
     parameters = sum(p.numel() for p in merged.parameters())
     model_name = type(merged).__name__
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-{os.getpid()}-", dir=output.parent))
-    try:
+    with staged_folder(output, STAGING_TAG) as staging:
         merged.to(saved_dtype).save_pretrained(staging, max_shard_size=args.max_shard_size.replace(" ", ""))
         tokenizer.save_pretrained(staging)
         _copy_support_files(ref, tokenizer_dir, staging)
         del merged
         gc.collect()
-        from tunestack.train.checkpoint import verify_saved_model
-
-        verify_saved_model(staging, None, trained=False)
+        verify_saved_model(staging, trained=False)
         reloaded = model_class.from_pretrained(
             staging,
             dtype=torch.float32,
@@ -468,19 +254,13 @@ def merge(args: MergeArguments) -> MergeResult:
             seconds=round(time.time() - started, 1),
         )
         _write_manifest(staging, result, ref, model_name)
-        _commit(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return result
 
 
 def _write_manifest(folder: Path, result: MergeResult, ref: ModelRef, model_name: str) -> None:
-    from tunestack.train.output import library_versions, write_json_atomic
-
     source = ref.run_info or {}
-    write_json_atomic(
-        folder / RUN_MANIFEST,
+    write_run_manifest(
+        folder,
         {
             "stage": "merge",
             "status": "complete",

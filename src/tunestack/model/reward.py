@@ -24,6 +24,9 @@ import torch
 
 from tunestack.data.formats import Message
 from tunestack.errors import ConfigError, ModelError
+from tunestack.model.adapters import adapter_task_type, stack_adapters
+from tunestack.model.load import load_model, load_tokenizer
+from tunestack.model.ref import resolve_model
 from tunestack.model.value_head import ValueHeadModel
 
 logger = logging.getLogger(__name__)
@@ -75,43 +78,16 @@ class SequenceClassifierLoader:
         return model
 
 
-def merge_adapters_into(model: Any, adapters: Sequence[Path]) -> Any:
-    """Merge causal-LM adapters (earlier stages) into a sequence classifier: same layer names, any task type."""
-    from peft import PeftConfig, PeftModel
-
-    for adapter in adapters:
-        config = PeftConfig.from_pretrained(str(adapter))
-        config.task_type = None  # a CAUSAL_LM adapter on a classifier: load it as a plain PEFT model
-        config.modules_to_save = [m for m in (config.modules_to_save or []) if m not in ("lm_head", "embed_out")]
-        model = PeftModel.from_pretrained(model, str(adapter), config=config).merge_and_unload()
-    return model
-
-
 def build_reward_model(ref: Any, model_args: Any, tokenizer: Any, head: str) -> Any:
     """A reward model to train on top of `ref` (every adapter of `ref` merged): a classifier or a value head."""
-    from tunestack.model.load import load_model
-
     if head == VALUE_HEAD:
         return ValueHeadModel(load_model(ref, model_args, tokenizer=tokenizer))
     loader = SequenceClassifierLoader(tokenizer.pad_token_id)
-    if not ref.adapters or model_args.load_in_4bit or model_args.load_in_8bit:
-        # load_model merges a quantized stack into a float copy first, then loads that as a classifier.
-        return load_model(ref, model_args, model_class=loader, tokenizer=tokenizer)
-    model = load_model(dataclasses.replace(ref, adapters=[]), model_args, model_class=loader, tokenizer=tokenizer)
-    return merge_adapters_into(model, ref.adapters)
+    return load_model(ref, model_args, model_class=loader, tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading a trained reward model
-
-
-def adapter_task_type(folder: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads((Path(folder) / "adapter_config.json").read_text()).get("task_type")
-    except (OSError, ValueError):
-        return None
 
 
 def load_reward_model(
@@ -121,7 +97,6 @@ def load_reward_model(
     sequence classification or value head) or of any sequence-classification model folder."""
     from tunestack.config.model import ModelArguments
     from tunestack.data.templates import get_template
-    from tunestack.model.load import load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(str(reference))
     run_info = ref.run_info or {}
@@ -141,9 +116,7 @@ def load_reward_model(
     else:
         model = build_reward_model(earlier, args, tokenizer, SEQUENCE_CLASSIFICATION)
     if own_adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(own_adapter)).merge_and_unload()
+        model = stack_adapters(model, [own_adapter])
     if device is not None:
         model.to(device)
     model.eval()
@@ -222,7 +195,7 @@ def score_responses(
     max_length: int | None = None,
 ) -> list[float]:
     """Scores of answers to (system, prompt turns) prompts, tokenized exactly as the reward model was trained."""
-    from tunestack.data.preference import PreferenceEncoder, PreferenceLimits
+    from tunestack.data.preference_encoding import PreferenceEncoder, PreferenceLimits
 
     limits = PreferenceLimits(max_source_length=1 << 30, max_target_length=1 << 30)
     encoder = PreferenceEncoder(tokenizer, template, limits)

@@ -67,7 +67,7 @@ def data_signature(key: str, value: Any) -> dict[str, str]:
 
 def model_signature(value: Any) -> dict[str, str]:
     """A model outside the recipe: alias name, or its config/weight files' names, sizes and mtimes."""
-    from tunestack.model.load import BUILTIN_MODELS
+    from tunestack.model.builtin import BUILTIN_MODELS
 
     out = {}
     for part in _parts(value):

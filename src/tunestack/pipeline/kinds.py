@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib
 import io
-import typing
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+
+from tunestack.cli import COMMANDS, Command, resolve
+from tunestack.config.parse import option_types
 
 # Options that name a model (a `${stage}` reference, a folder, a .gguf file or an alias).
 MODEL_KEYS = (
@@ -42,57 +42,45 @@ RUNNER_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 
 @dataclass(frozen=True)
 class Kind:
+    """A stage kind of a recipe: a tunestack command (tunestack.cli.COMMANDS), possibly with fixed options."""
+
     name: str
     command: str  # the tunestack sub-command
-    target: str  # "module:Class" of a Stage, or "module:function" returning the option dataclasses
     model_key: str = "model_name_or_path"  # the option that takes the input model
     makes_policy: bool = True  # its output is a chat model that a later stage may start from
-    resumable: bool = True  # takes --resume_from_checkpoint (writes checkpoint-N folders)
+    resumable: bool = True  # a training stage: takes --resume_from_checkpoint (writes checkpoint-N folders)
     fixed: tuple[tuple[str, Any], ...] = ()  # options implied by the kind (orpo = dpo with loss_type orpo)
 
-
-_PT = "tunestack.train.pt:PretrainStage"
-_SFT = "tunestack.train.sft:SupervisedStage"
-_RM = "tunestack.train.rm:RewardModelStage"
-_RL = "tunestack.train.rl:RLStage"
-_DPO = "tunestack.train.dpo:DPOStage"
-_KTO = "tunestack.train.kto:KTOStage"
-
-KINDS: dict[str, Kind] = {
-    "pt": Kind("pt", "pt", _PT),
-    "sft": Kind("sft", "sft", _SFT),
-    "rm": Kind("rm", "rm", _RM, makes_policy=False),
-    "rl": Kind("rl", "rl", _RL),
-    "ppo": Kind("ppo", "rl", _RL, fixed=(("algo", "ppo"),)),
-    "grpo": Kind("grpo", "rl", _RL, fixed=(("algo", "grpo"),)),
-    "rloo": Kind("rloo", "rl", _RL, fixed=(("algo", "rloo"),)),
-    "dpo": Kind("dpo", "dpo", _DPO),
-    "orpo": Kind("orpo", "dpo", _DPO, fixed=(("loss_type", "orpo"),)),
-    "simpo": Kind("simpo", "dpo", _DPO, fixed=(("loss_type", "simpo"),)),
-    "kto": Kind("kto", "kto", _KTO),
-    "merge": Kind("merge", "merge", "tunestack.model.merge:MergeArguments", model_key="lora_model", resumable=False),
-    "eval": Kind("eval", "eval", "tunestack.eval.command:argument_classes", makes_policy=False, resumable=False),
-}
+    @property
+    def spec(self) -> Command:
+        return COMMANDS[self.command]
 
 
-def _target(kind: Kind) -> Any:
-    module, attr = kind.target.split(":")
-    return getattr(importlib.import_module(module), attr)
+def _kinds() -> dict[str, Kind]:
+    kinds: dict[str, Kind] = {}
+    for name, command in COMMANDS.items():
+        if command.stage is None and command.options is None:
+            continue
+        common = dict(
+            command=name,
+            model_key=command.model_key,
+            makes_policy=command.makes_policy,
+            resumable=command.stage is not None,
+        )
+        kinds[name] = Kind(name, **common)
+        for variant, fixed in command.variants:
+            kinds[variant] = Kind(variant, fixed=fixed, **common)
+    return kinds
 
 
-def _is_stage(obj: Any) -> bool:
-    return isinstance(obj, type) and not dataclasses.is_dataclass(obj)
+KINDS: dict[str, Kind] = _kinds()
 
 
 @cache
 def argument_classes(kind: Kind) -> tuple[type, ...]:
-    """The option dataclasses of a kind's command (a stage's via train.base.stage_argument_classes)."""
-    obj = _target(kind)
-    if _is_stage(obj):
-        from tunestack.train.base import stage_argument_classes
-
-        return stage_argument_classes(obj())
-    return (obj,) if isinstance(obj, type) else tuple(obj())
+    """The option dataclasses of a kind's command."""
+    spec = kind.spec
+    return resolve(spec.stage).option_classes() if spec.stage else tuple(resolve(spec.options)())
 
 
 def parse_options(kind: Kind, argv: list[str]) -> None:
@@ -103,12 +91,12 @@ def parse_options(kind: Kind, argv: list[str]) -> None:
     from tunestack.config.parse import parse_into
     from tunestack.errors import ConfigError
 
-    obj = _target(kind)
+    spec = kind.spec
     printed = io.StringIO()
     try:
         with contextlib.redirect_stderr(printed):
-            if _is_stage(obj):
-                obj().parse(argv)
+            if spec.stage:
+                resolve(spec.stage)().parse(argv)
             else:
                 parse_into(argument_classes(kind), argv, prog=f"tunestack {kind.command}")
     except SystemExit:
@@ -119,13 +107,7 @@ def parse_options(kind: Kind, argv: list[str]) -> None:
 @cache
 def field_types(kind: Kind) -> dict[str, Any]:
     """Option name -> type of every option the kind's command takes."""
-    out: dict[str, Any] = {}
-    for dc in argument_classes(kind):
-        hints = typing.get_type_hints(dc)
-        for f in dataclasses.fields(dc):
-            if f.init:
-                out.setdefault(f.name, hints.get(f.name, f.type))
-    return out
+    return option_types(argument_classes(kind))
 
 
 def accepts(kind: Kind, key: str) -> bool:

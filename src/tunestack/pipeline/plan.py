@@ -6,11 +6,9 @@ so that it is the same wherever and however often it is computed.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tunestack.config.parse import mapping_to_argv
@@ -18,8 +16,8 @@ from tunestack.errors import ConfigError, TunestackError
 from tunestack.pipeline.fingerprint import fingerprint, what_changed
 from tunestack.pipeline.kinds import field_types, parse_options
 from tunestack.pipeline.recipe import Recipe, StageSpec, _hint, substitute
+from tunestack.rundir import PIPELINE_STATE, read_json
 
-STATE_FILE = "pipeline.json"  # in each stage's output folder: the fingerprint it was run with
 CACHED, RESUME, RUN, SKIP = "cached", "resume", "run", "skip"
 
 
@@ -60,14 +58,6 @@ class Step:
         return shlex.join(["tunestack", self.spec.kind.command, *self.argv])
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def check_options(step: Step) -> list[str]:
     """What the stage command itself would reject in these options (types, choices, its own checks)."""
     from tunestack.cli import COMMANDS
@@ -91,7 +81,7 @@ def _decide(step: Step, upstream: dict[str, Step]) -> tuple[str, str]:
     out = spec.output_dir
     if not out.is_dir() or not any(out.iterdir()):
         return RUN, "no output yet"
-    state = read_json(out / STATE_FILE)
+    state = read_json(out / PIPELINE_STATE)
     run = read_json(out / "run.json") or {}
     status = run.get("status")
     if state is None or state.get("fingerprint") != step.fingerprint:
@@ -99,7 +89,7 @@ def _decide(step: Step, upstream: dict[str, Step]) -> tuple[str, str]:
     if status == "complete":
         return CACHED, f"complete, fingerprint {step.fingerprint}"
     if status in ("running", "interrupted", "failed") and spec.kind.resumable:
-        from tunestack.train.checkpoint import latest_complete_checkpoint
+        from tunestack.rundir import latest_complete_checkpoint
 
         checkpoint = latest_complete_checkpoint(out)
         if checkpoint is not None:

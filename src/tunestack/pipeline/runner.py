@@ -9,7 +9,6 @@ would start it. `tunestack run` itself is therefore launched plainly, never unde
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,10 +16,10 @@ import sys
 import time
 from typing import Any
 
-from tunestack.pipeline.plan import CACHED, RESUME, RUN, SKIP, STATE_FILE, Step, describe_plan, read_json
+from tunestack.atomic import write_json_atomic
+from tunestack.pipeline.plan import CACHED, RESUME, RUN, SKIP, Step, describe_plan
 from tunestack.pipeline.recipe import Recipe
-from tunestack.train.checkpoint import latest_complete_checkpoint
-from tunestack.train.output import write_json_atomic
+from tunestack.rundir import PIPELINE_STATE, latest_complete_checkpoint, read_json, read_jsonl
 
 
 def _now() -> str:
@@ -69,7 +68,7 @@ def _start_stage(step: Step) -> None:
     if step.action == RUN:
         (out / "run.json").unlink(missing_ok=True)  # a stale status must not be read as this run's
     write_json_atomic(
-        out / STATE_FILE,
+        out / PIPELINE_STATE,
         {
             "stage": step.spec.name,
             "kind": step.spec.kind.name,
@@ -83,7 +82,7 @@ def _start_stage(step: Step) -> None:
 
 
 def _finish_stage(step: Step, state: str, seconds: float, code: int) -> None:
-    path = step.spec.output_dir / STATE_FILE
+    path = step.spec.output_dir / PIPELINE_STATE
     record = read_json(path) or {
         "stage": step.spec.name,
         "kind": step.spec.kind.name,
@@ -114,7 +113,7 @@ def _write_root_state(recipe: Recipe, steps: list[Step], rows: dict[str, dict[st
         ],
     }
     recipe.output_root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(recipe.output_root / STATE_FILE, state)
+    write_json_atomic(recipe.output_root / PIPELINE_STATE, state)
 
 
 def run_steps(recipe: Recipe, steps: list[Step], report: bool = True) -> int:
@@ -184,11 +183,10 @@ def before_after(steps: list[Step], probes: int = 3, width: int = 110) -> str:
     if not evals:
         return ""
     folder = evals[-1].spec.output_dir
-    report = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+    report = read_json(folder / "eval.json") or {}
     labels = [m["label"] for m in report.get("models", [])]
     answers: dict[str, dict[str, str]] = {}
-    for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(folder / "predictions.jsonl"):
         if row.get("set") == "probe":
             answers.setdefault(row["prompt"], {})[row["model"]] = " ".join(str(row.get("response", "")).split())
     changed = [p for p in report.get("probes", []) if len(set(answers.get(p, {}).values())) > 1]

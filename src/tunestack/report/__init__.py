@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from tunestack.atomic import write_text_atomic
 from tunestack.errors import ConfigError
 
 DESCRIPTION = (
@@ -28,13 +28,8 @@ def write_report(path: str | Path, output_dir: str | Path | None = None) -> tupl
     target = Path(output_dir) if output_dir else root
     target.mkdir(parents=True, exist_ok=True)
     html_path, md_path = target / "report.html", target / "report.md"
-    for out, text in (
-        (html_path, render_html(state, stages, root)),
-        (md_path, render_markdown(state, stages, root, target)),
-    ):
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+    write_text_atomic(html_path, render_html(state, stages, root))
+    write_text_atomic(md_path, render_markdown(state, stages, root, target))
     return html_path, md_path
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunestack.rundir import PIPELINE_STATE, read_json, read_jsonl, read_metrics
+
 CURVES = ("loss.png", "reward.png")
 PERPLEXITY_STAGES = ("pt", "sft")  # exp(eval loss) means nothing for a pairwise or DPO loss
-STATE_FILE = "pipeline.json"
 
 # (metric key in run.json, label, format) shown as "before -> after" when a before_ value exists.
 KEY_METRICS: tuple[tuple[str, str, str], ...] = (
@@ -46,34 +46,14 @@ class StageReport:
         return str(self.run.get("status") or "missing")
 
 
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a kill: the rest still shows
-    return rows
-
-
 def read_stage(folder: Path, name: str | None = None, action: str | None = None) -> StageReport:
-    run = _json(folder / "run.json") or {}
+    run = read_json(folder / "run.json") or {}
     stage = StageReport(name or folder.name, folder, run, action)
     stage.curves = [folder / c for c in CURVES if (folder / c).is_file()]
-    stage.rows = _jsonl(folder / "metrics.jsonl")
-    stage.eval = _json(folder / "eval.json")
+    stage.rows = read_metrics(folder)
+    stage.eval = read_json(folder / "eval.json")
     if stage.eval is not None:
-        stage.predictions = _jsonl(folder / "predictions.jsonl")
+        stage.predictions = read_jsonl(folder / "predictions.jsonl")
     return stage
 
 
@@ -81,7 +61,7 @@ def collect(path: Path) -> tuple[dict[str, Any], list[StageReport]]:
     """(pipeline state or {}, stages) of a pipeline output root, or of one stage output folder."""
     if (path / "run.json").is_file():
         return {}, [read_stage(path)]
-    state = _json(path / STATE_FILE) or {}
+    state = read_json(path / PIPELINE_STATE) or {}
     if isinstance(state.get("stages"), list):
         stages = [
             read_stage(Path(row["output_dir"]), row.get("name"), row.get("action"))

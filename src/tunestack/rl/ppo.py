@@ -31,7 +31,6 @@ from tunestack.rl.ppo_core import (
 
 logger = logging.getLogger("tunestack")
 
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclass
@@ -150,6 +149,7 @@ class PPOLoop:
             settings.init_kl_coef, settings.target_kl if settings.adap_kl_ctrl else None, settings.kl_horizon
         )
         self.step = 0
+        self.last_rollout: Rollout | None = None
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -302,7 +302,7 @@ class PPOLoop:
             "ppo_early_stopped": float(stop_early),
         }
         out.update({k: sum(v) / max(len(v), 1) for k, v in stats.items()})
-        self._last_rollout = r
+        self.last_rollout = r
         return out
 
     # ---------------------------------------------------------------------------------- eval

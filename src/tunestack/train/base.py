@@ -1,8 +1,9 @@
 """The shared stage scaffold: parse options, load model and data, tune, train, write the output folder.
 
-A stage (pt, sft, rm, dpo ...) subclasses `Stage` and supplies only its data, its trainer and
-its summary; the plumbing (checks before anything is written, callbacks, checkpoints, resume,
-run.json, metrics.jsonl, loss.png, TensorBoard, clean stop) lives here once.
+A stage (pt, sft, rm, dpo ...) subclasses `Stage` and overrides only the public hooks below for what is
+particular to it (its data, its model, its trainer, its loss, its summary); the plumbing (checks before
+anything is written, callbacks, checkpoints, resume, run.json, metrics.jsonl, loss.png, TensorBoard, clean
+stop) lives here once.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.config.model import ModelArguments
-from tunestack.config.parse import parse_into, to_jsonable
+from tunestack.config.parse import parse_into, print_help, to_jsonable
 from tunestack.config.train import TrainArguments
 from tunestack.config.tuning import TuningArguments
-from tunestack.errors import ConfigError, TunestackError
-from tunestack.model.adapters import apply_tuning, describe_trainable, is_adalora
-from tunestack.model.load import ModelRef, build_from_scratch, load_model, load_tokenizer, resolve_model, tunestack_home
+from tunestack.errors import ConfigError
+from tunestack.model.load import build_from_scratch, load_model, load_tokenizer
+from tunestack.model.ref import ModelRef, resolve_model
+from tunestack.model.tuning import apply_tuning, describe_trainable, is_adalora
+from tunestack.rundir import OutputFolder, tunestack_home, verify_saved_model
 from tunestack.train.callbacks import AdaLoraBudget, GracefulStop, MetricsFileCallback
-from tunestack.train.checkpoint import verify_saved_model
-from tunestack.train.output import OutputFolder
 from tunestack.train.plots import plot_curves
 
 logger = logging.getLogger("tunestack")
@@ -40,6 +41,7 @@ class StageArgs:
     tuning: TuningArguments
     train: TrainArguments
     method: str = "lora"
+    options: Any = None  # the stage's own options (Stage.options_class), if it has any
 
 
 @dataclass
@@ -69,9 +71,13 @@ class Stage:
     name = "stage"
     description = ""
     data_class: type = object
+    options_class: type | None = None
     task_type = "CAUSAL_LM"
 
+    # ----------------------------------------------------------------------------------- hooks
+
     def validate(self, args: StageArgs) -> list[str]:
+        """Problems with this combination of options (the arguments are not changed)."""
         return []
 
     def model_class(self, ctx: StageContext) -> Any:
@@ -79,10 +85,38 @@ class Stage:
 
         return AutoModelForCausalLM
 
+    def load_model(self, ctx: StageContext) -> Any:
+        """The model before tuning: the reference's weights with its adapters merged, or a fresh one."""
+        args = ctx.args
+        if args.model.from_scratch:
+            return build_from_scratch(args.model, ctx.tokenizer, ctx.ref)
+        assert ctx.ref is not None
+        return load_model(ctx.ref, args.model, model_class=self.model_class(ctx), tokenizer=ctx.tokenizer)
+
+    def build_model(self, ctx: StageContext, data: PreparedData) -> Any:
+        """The model ready to train: loaded (same seed every run), then tuned by the run's method."""
+        from transformers import set_seed
+
+        args = ctx.args
+        set_seed(args.train.seed)  # adapter, head and from-scratch initialisation must repeat across runs
+        model = self.load_model(ctx)
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+        model = apply_tuning(
+            model,
+            args.tuning,
+            args.method,
+            planned_steps(args.train, data.train),
+            gradient_checkpointing=bool(args.train.gradient_checkpointing),
+            task_type=self.task_type,
+        )
+        logger.info("%s: %s", args.method, describe_trainable(model))
+        return model
+
     def prepare_data(self, ctx: StageContext) -> PreparedData:
         raise NotImplementedError
 
-    def trainer_class(self) -> type:
+    def trainer_class(self, ctx: StageContext) -> type:
         from transformers import Trainer
 
         return Trainer
@@ -98,6 +132,18 @@ class Stage:
         """The TrainingArguments the trainer gets; TRL stages convert to their config class (see trl_config)."""
         return ctx.args.train
 
+    def fit(
+        self,
+        ctx: StageContext,
+        model: Any,
+        data: PreparedData,
+        output: OutputFolder,
+        resume_from: Path | None,
+        stop: GracefulStop,
+    ) -> dict[str, Any]:
+        """Train, save the final model into OUTPUT_DIR and evaluate; returns {global_step, metrics, ...}."""
+        return train_with_trainer(self, ctx, model, data, resume_from, stop)
+
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         """Write stage-specific files beside the weights (generation config, chat template ...)."""
 
@@ -105,29 +151,46 @@ class Stage:
         """Work on the final model once it is saved and evaluated (every rank calls it); returns more metrics."""
         return {}
 
+    def manifest_extras(self, ctx: StageContext) -> dict[str, Any]:
+        """More fields for run.json (e.g. how to load the output)."""
+        return {}
+
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         return []
 
-    # ------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------- the command
+
+    @classmethod
+    def option_classes(cls) -> tuple[type, ...]:
+        own = (cls.options_class,) if cls.options_class is not None else ()
+        return (ModelArguments, cls.data_class, *own, TuningArguments, TrainArguments)
 
     def parse(self, argv: list[str]) -> StageArgs:
-        model, data, tuning, train = parse_into(
-            stage_argument_classes(self),
-            argv,
-            prog=f"tunestack {self.name}",
-            description=self.description,
-        )
+        """The options of `argv`; ConfigError lists every problem."""
+        parsed = parse_into(self.option_classes(), argv, prog=f"tunestack {self.name}", description=self.description)
+        model, data, *own, tuning, train = parsed
         if tuning.qlora and not (model.load_in_4bit or model.load_in_8bit):
             model.load_in_4bit = True
-        args = StageArgs(model, data, tuning, train, tuning.resolved_method(model.load_in_4bit, model.load_in_8bit))
         if not train.do_train and not train.do_eval:
             train.do_train = True
+        method = tuning.resolved_method(model.load_in_4bit, model.load_in_8bit)
+        if model.from_scratch and method != "full":
+            logger.info("training from scratch: using full tuning (adapters need pretrained weights)")
+            method = "full"
+        args = StageArgs(model, data, tuning, train, method, own[0] if own else None)
         problems = tuning.problems(model.load_in_4bit, model.load_in_8bit) + self.validate(args)
         if train.output_dir is None:
             problems.append("--output_dir is required")
         if problems:
             raise ConfigError(problems)
         return args
+
+    def main(self, argv: list[str]) -> int:
+        """`tunestack <stage>`: --help lists every option, else run."""
+        if "-h" in argv or "--help" in argv:
+            print_help(self.option_classes(), f"tunestack {self.name}", self.description)
+            return 0
+        return self.run(argv)
 
     def run(self, argv: list[str]) -> int:
         from accelerate import PartialState
@@ -139,28 +202,21 @@ class Stage:
         resume_from = output.plan(args.train.resume_from_checkpoint, args.train.overwrite_output_dir)
         state.wait_for_everyone()
 
-        ref, tokenizer, model_config = self._load_references(args)
-        ctx = StageContext(args, ref, tokenizer, model_config)
+        ctx = self._context(args)
         with state.main_process_first():
             data = self.prepare_data(ctx)
-        model = self._build_model(ctx, data)
-        output.begin(self._manifest(ctx, data))
-        if data.rejects and state.is_main_process:
-            from tunestack.data.formats import write_rejects
-
-            write_rejects(data.rejects, output.path / "rejects.jsonl")
+        model = self.build_model(ctx, data)
         stop = GracefulStop()
-        stop.install()
-        try:
-            result = self._train(ctx, model, data, output, resume_from, stop)
-        except TunestackError as exc:
-            output.abandon(str(exc))
-            raise
-        except BaseException as exc:
-            output.finish("failed", error=f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            stop.uninstall()
+        with output.running(self._manifest(ctx, data)):
+            if data.rejects and state.is_main_process:
+                from tunestack.data.records import write_rejects
+
+                write_rejects(data.rejects, output.path / "rejects.jsonl")
+            stop.install()
+            try:
+                result = self.fit(ctx, model, data, output, resume_from, stop)
+            finally:
+                stop.uninstall()
         if stop.requested:
             output.finish("interrupted", step=result["global_step"], metrics=result["metrics"])
             _say(
@@ -177,9 +233,9 @@ class Stage:
         _say(state, "\n".join(lines))
         return 0
 
-    # ------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------- internals
 
-    def _load_references(self, args: StageArgs) -> tuple[ModelRef | None, Any, Any]:
+    def _context(self, args: StageArgs) -> StageContext:
         from transformers import AutoConfig
 
         m = args.model
@@ -188,34 +244,10 @@ class Stage:
         if m.model_config:
             config = AutoConfig.from_pretrained(m.model_config, trust_remote_code=m.trust_remote_code)
         else:
+            assert ref is not None
             kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
             config = AutoConfig.from_pretrained(ref.base_dir, trust_remote_code=m.trust_remote_code, **kwargs)
-        return ref, tokenizer, config
-
-    def _build_model(self, ctx: StageContext, data: PreparedData) -> Any:
-        from transformers import set_seed
-
-        args = ctx.args
-        set_seed(args.train.seed)  # adapter and from-scratch initialisation must repeat across runs
-        if args.model.from_scratch:
-            if args.method != "full":
-                logger.info("training from scratch: using full tuning (adapters need pretrained weights)")
-                args.method = "full"
-            model = build_from_scratch(args.model, ctx.tokenizer, ctx.ref)
-        else:
-            model = load_model(ctx.ref, args.model, model_class=self.model_class(ctx), tokenizer=ctx.tokenizer)
-        if hasattr(model, "config"):
-            model.config.use_cache = False
-        model = apply_tuning(
-            model,
-            args.tuning,
-            args.method,
-            planned_steps(args.train, data.train),
-            gradient_checkpointing=bool(args.train.gradient_checkpointing),
-            task_type=self.task_type,
-        )
-        logger.info("%s: %s", args.method, describe_trainable(model))
-        return model
+        return StageContext(args, ref, tokenizer, config)
 
     def _manifest(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         args = ctx.args
@@ -224,83 +256,83 @@ class Stage:
             base = ctx.ref.reference
             if Path(base).exists():
                 base = str(Path(base).resolve())
+        options = {
+            "model": to_jsonable(args.model),
+            "data": to_jsonable(args.data),
+            "tuning": to_jsonable(args.tuning),
+            "train": args.train.to_dict(),
+        }
+        if args.options is not None:
+            options["stage"] = to_jsonable(args.options)
         return {
             "base_model": base,
             "tuning_method": args.method,
-            "options": {
-                "model": to_jsonable(args.model),
-                "data": to_jsonable(args.data),
-                "tuning": to_jsonable(args.tuning),
-                "train": {k: v for k, v in args.train.to_dict().items() if "token" not in k},
-            },
+            "options": options,
             "data_fingerprint": data.fingerprint,
             "data_stats": data.stats,
+            **self.manifest_extras(ctx),
         }
 
-    def _train(
-        self,
-        ctx: StageContext,
-        model: Any,
-        data: PreparedData,
-        output: OutputFolder,
-        resume_from: Path | None,
-        stop: GracefulStop,
-    ) -> dict[str, Any]:
-        from transformers import EarlyStoppingCallback
 
-        from tunestack.train.trainer import with_tunestack
+def train_with_trainer(
+    stage: Stage, ctx: StageContext, model: Any, data: PreparedData, resume_from: Path | None, stop: GracefulStop
+) -> dict[str, Any]:
+    """The default `fit`: a transformers/TRL trainer with tunestack's callbacks and checkpoints."""
+    from transformers import EarlyStoppingCallback
 
-        args = ctx.args
-        out_dir = Path(args.train.output_dir)
-        callbacks: list[Any] = [MetricsFileCallback(out_dir / "metrics.jsonl"), stop]
-        if args.train.early_stopping_patience:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.train.early_stopping_patience))
-        if is_adalora(model):
-            callbacks.append(AdaLoraBudget(model))
-        with tensorboard_dir(args.train.logging_dir or str(out_dir / "runs")):
-            trainer = with_tunestack(self.trainer_class(), self.trainer_mixins(ctx, model))(
-                model=model,
-                args=self.trainer_args(ctx),
-                train_dataset=data.train if args.train.do_train else None,
-                eval_dataset=data.eval if args.train.do_eval else None,
-                callbacks=callbacks,
-                **self.trainer_kwargs(ctx, data),
-            )
-        metrics: dict[str, Any] = {}
-        run_eval = args.train.do_eval and data.eval is not None
-        if run_eval and resume_from is None:
-            metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
-        if args.train.do_train:
-            if resume_from is not None:
-                logger.info("resuming from %s", resume_from)
-            train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            metrics.update(train_out.metrics)
-        result = {"global_step": trainer.state.global_step, "metrics": metrics}
-        if stop.requested:
-            return result
-        if args.train.do_train:
-            config = getattr(trainer.accelerator.unwrap_model(trainer.model), "config", None)
-            if config is not None:
-                config.use_cache = True  # off for training; saved models should generate with a cache
-            trainer.save_model(str(out_dir))
-            if trainer.is_world_process_zero():
-                ctx.tokenizer.save_pretrained(out_dir)
-                self.save_extras(ctx, out_dir)
-                (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has the options
-                verify_saved_model(out_dir, trainer.model, trained=trainer.state.global_step > 0)
-        if run_eval:
-            history = trainer.state.log_history
-            done = [h for h in history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
-            if done and not args.train.load_best_model_at_end:
-                # The Trainer already evaluated this model at the last step (eval_strategy steps/epoch).
-                metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")})
-            else:
-                metrics.update(trainer.evaluate())
-        metrics.update(self.after_training(ctx, trainer, data))
-        if trainer.is_world_process_zero():
-            plot_curves(out_dir / "metrics.jsonl", out_dir / "loss.png", ("loss", "eval_loss"), f"{self.name} loss")
-        result["tokens_seen"] = trainer.state.num_input_tokens_seen
+    from tunestack.train.trainer import with_tunestack
+
+    args = ctx.args
+    out_dir = Path(args.train.output_dir)
+    callbacks: list[Any] = [MetricsFileCallback(out_dir), stop]
+    if args.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.train.early_stopping_patience))
+    if is_adalora(model):
+        callbacks.append(AdaLoraBudget(model))
+    with tensorboard_dir(args.train.logging_dir or str(out_dir / "runs")):
+        trainer = with_tunestack(stage.trainer_class(ctx), stage.trainer_mixins(ctx, model))(
+            model=model,
+            args=stage.trainer_args(ctx),
+            train_dataset=data.train if args.train.do_train else None,
+            eval_dataset=data.eval if args.train.do_eval else None,
+            callbacks=callbacks,
+            **stage.trainer_kwargs(ctx, data),
+        )
+    metrics: dict[str, Any] = {}
+    run_eval = args.train.do_eval and data.eval is not None
+    if run_eval and resume_from is None:
+        metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
+    if args.train.do_train:
+        if resume_from is not None:
+            logger.info("resuming from %s", resume_from)
+        train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        metrics.update(train_out.metrics)
+    result = {"global_step": trainer.state.global_step, "metrics": metrics}
+    if stop.requested:
         return result
+    if args.train.do_train:
+        config = getattr(trainer.accelerator.unwrap_model(trainer.model), "config", None)
+        if config is not None:
+            config.use_cache = True  # off for training; saved models should generate with a cache
+        trainer.save_model(str(out_dir))
+        if trainer.is_world_process_zero():
+            ctx.tokenizer.save_pretrained(out_dir)
+            stage.save_extras(ctx, out_dir)
+            (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has the options
+            verify_saved_model(out_dir, trained=trainer.state.global_step > 0)
+    if run_eval:
+        history = trainer.state.log_history
+        done = [h for h in history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        if done and not args.train.load_best_model_at_end:
+            # The Trainer already evaluated this model at the last step (eval_strategy steps/epoch).
+            metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")})
+        else:
+            metrics.update(trainer.evaluate())
+    metrics.update(stage.after_training(ctx, trainer, data))
+    if trainer.is_world_process_zero():
+        plot_curves(out_dir, "loss.png", ("loss", "eval_loss"), f"{stage.name} loss")
+    result["tokens_seen"] = trainer.state.num_input_tokens_seen
+    return result
 
 
 @contextlib.contextmanager
@@ -318,22 +350,8 @@ def tensorboard_dir(path: str) -> Any:
             os.environ["TENSORBOARD_LOGGING_DIR"] = previous
 
 
-def stage_main(stage: Stage, argv: list[str]) -> int:
-    """Entry point of a stage command: `--help` lists every option, else run."""
-    if "-h" in argv or "--help" in argv:
-        from tunestack.config.parse import print_help
-
-        print_help(stage_argument_classes(stage), f"tunestack {stage.name}", stage.description)
-        return 0
-    return stage.run(argv)
-
-
-def stage_argument_classes(stage: Stage) -> tuple[type, ...]:
-    return (ModelArguments, stage.data_class, TuningArguments, TrainArguments)
-
-
 def planned_steps(train: TrainArguments, dataset: Any) -> int:
-    """Optimizer steps the run will take (AdaLoRA needs it up front)."""
+    """Optimizer steps the run will take (AdaLoRA needs it up front): the batches the trainer will build."""
     if train.max_steps and train.max_steps > 0:
         return train.max_steps
     try:
@@ -342,11 +360,12 @@ def planned_steps(train: TrainArguments, dataset: Any) -> int:
         raise ConfigError("streaming data has no length: set --max_steps") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(train, "max_tokens_per_batch", None):
-        from tunestack.train.batching import TokenBudgetBatchSampler, sample_lengths
+        from tunestack.train.fast.batching import TokenBudgetBatchSampler, sample_lengths
 
         lengths = sample_lengths(dataset)
         budget = max(train.max_tokens_per_batch, max(lengths, default=1))
-        batches = len(TokenBudgetBatchSampler(lengths, budget, seed=train.seed, num_replicas=world))
+        sampler = TokenBudgetBatchSampler(lengths, budget, packed=train.padding_free, seed=train.seed, num_replicas=world)
+        batches = len(sampler)
     else:
         batches = math.ceil(n / (train.per_device_train_batch_size * world))
     return max(1, math.ceil(batches / train.gradient_accumulation_steps) * math.ceil(train.num_train_epochs))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -12,23 +10,23 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tunestack.rundir import append_metrics
+
 logger = logging.getLogger(__name__)
 
 
 class MetricsFileCallback(TrainerCallback):
     """Append every log (train and eval) as one JSON line to OUTPUT_DIR/metrics.jsonl."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
         self.start = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "epoch": state.epoch, "elapsed_s": round(time.time() - self.start, 2)}
-        row.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in logs.items()})
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_metrics(self.output_dir, {**row, **logs})
 
 
 class GracefulStop(TrainerCallback):
@@ -55,7 +53,7 @@ class GracefulStop(TrainerCallback):
         self.signal_name = signal.Signals(signum).name
         logger.warning("%s received: saving a checkpoint after this step, then stopping", self.signal_name)
 
-    def _agreed(self) -> bool:
+    def should_stop(self) -> bool:
         """Any rank that was signalled stops every rank, so all of them save the same step."""
         import torch.distributed as dist
 
@@ -70,7 +68,7 @@ class GracefulStop(TrainerCallback):
         return bool(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._agreed():
+        if self.should_stop():
             self.requested = True
             control.should_save = True
             control.should_training_stop = True

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunestack.config.preference import DPO_LOSSES, REFERENCE_FREE_LOSSES
-from tunestack.train.base import PreparedData, StageArgs, StageContext, stage_main, trl_config
+from tunestack.config.dpo import DPOArguments
+from tunestack.train.base import PreparedData, StageArgs, StageContext, trl_config
 from tunestack.train.preference import (
     ADAPTER_METHODS,
     PreferenceStage,
@@ -21,9 +21,6 @@ from tunestack.train.preference import (
     pretokenized,
     reference_model,
 )
-
-SIMPO_DEFAULT_BETA = 2.0
-DPO_DEFAULT_BETA = 0.1
 
 
 def _dpo_trainer_class() -> type:
@@ -77,74 +74,52 @@ class DPOStage(PreferenceStage):
     description = "Direct preference optimization: DPO, IPO, hinge ..., or the reference-free ORPO and SimPO."
     kind = "pairs"
 
+    options_class = DPOArguments
+
     def validate(self, args: StageArgs) -> list[str]:
         problems = super().validate(args)
-        loss, losses = self._loss(), self._losses()
-        if loss not in REFERENCE_FREE_LOSSES and any(x not in DPO_LOSSES for x in losses):
-            known = ", ".join(DPO_LOSSES + REFERENCE_FREE_LOSSES)
-            problems.append(f"--loss_type {loss}: expected one of {known}, or a comma list of DPO losses")
-        weights = self._loss_weights()
-        if args.data.loss_weights and (weights is None or len(weights) != len(losses)):
-            problems.append(f"--loss_weights {args.data.loss_weights}: give one number per --loss_type entry")
-        if args.data.ref_model and args.method in ADAPTER_METHODS:
+        if args.options.ref_model and args.method in ADAPTER_METHODS:
             problems.append(
                 f"--ref_model is for full-parameter training; with {args.method} the reference is the model with "
                 "its adapter switched off"
             )
-        if args.data.ref_model and loss in REFERENCE_FREE_LOSSES:
-            problems.append(f"--loss_type {loss} uses no reference model; drop --ref_model")
         return problems
 
-    def _loss(self) -> str:
-        return self.options.loss_type or "sigmoid"
+    def trainer_class(self, ctx: StageContext) -> type:
+        options = ctx.args.options
+        return _reference_free_trainer_class(options.loss) if options.reference_free else _dpo_trainer_class()
 
-    def _losses(self) -> list[str]:
-        return [x.strip() for x in self._loss().split(",") if x.strip()]
-
-    def _loss_weights(self) -> list[float] | None:
-        if not self.options.loss_weights:
-            return None
-        try:
-            return [float(x) for x in self.options.loss_weights.split(",")]
-        except ValueError:
-            return None
-
-    def _beta(self) -> float:
-        if self.options.beta is not None:
-            return self.options.beta
-        return SIMPO_DEFAULT_BETA if self._loss() == "simpo" else DPO_DEFAULT_BETA
-
-    def trainer_class(self) -> type:
-        loss = self._loss()
-        return _reference_free_trainer_class(loss) if loss in REFERENCE_FREE_LOSSES else _dpo_trainer_class()
+    def manifest_extras(self, ctx: StageContext) -> dict[str, Any]:
+        options = ctx.args.options
+        return {"loss_type": options.loss, "beta": options.resolved_beta}
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
         train = ctx.args.train
-        if self._loss() in REFERENCE_FREE_LOSSES or not (train.padding_free and train.sparse_lm_head):
+        if ctx.args.options.reference_free or not (train.padding_free and train.sparse_lm_head):
             return ()
-        from tunestack.train.metrics import packed_row_mixins
-        from tunestack.train.packed_logps import PackedPreferenceMixin
+        from tunestack.train.fast import packed_row_mixins
+        from tunestack.train.fast.packed_logps import PackedPreferenceMixin
 
         return (PackedPreferenceMixin, *packed_row_mixins(train))
 
     def trainer_args(self, ctx: StageContext) -> Any:
-        d, train, loss = ctx.args.data, ctx.args.train, self._loss()
+        d, train, o = ctx.args.data, ctx.args.train, ctx.args.options
         longest = d.max_source_length + d.max_target_length  # our encoding already bounds every pair
-        if loss == "orpo":
+        if o.loss == "orpo":
             from trl.experimental.orpo import ORPOConfig
 
-            return trl_config(ORPOConfig, train, beta=d.orpo_beta, max_length=longest, disable_dropout=True)
-        if loss == "simpo":
+            return trl_config(ORPOConfig, train, beta=o.orpo_beta, max_length=longest, disable_dropout=True)
+        if o.loss == "simpo":
             from trl.experimental.cpo import CPOConfig
 
             return trl_config(
                 CPOConfig,
                 train,
                 loss_type="simpo",
-                beta=self._beta(),
-                simpo_gamma=d.simpo_gamma,
+                beta=o.resolved_beta,
+                simpo_gamma=o.simpo_gamma,
                 cpo_alpha=0.0,
-                label_smoothing=d.label_smoothing,
+                label_smoothing=o.label_smoothing,
                 max_length=longest,
                 disable_dropout=True,
             )
@@ -153,21 +128,21 @@ class DPOStage(PreferenceStage):
         return trl_config(
             DPOConfig,
             train,
-            loss_type=self._losses(),
-            loss_weights=self._loss_weights(),
-            beta=self._beta(),
-            label_smoothing=d.label_smoothing,
+            loss_type=o.losses,
+            loss_weights=o.weights,
+            beta=o.resolved_beta,
+            label_smoothing=o.label_smoothing,
             max_length=None,
-            precompute_ref_log_probs=d.precompute_ref_log_probs,
+            precompute_ref_log_probs=o.precompute_ref_log_probs,
             disable_dropout=True,
         )
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"processing_class": ctx.tokenizer}
-        if self._loss() not in REFERENCE_FREE_LOSSES:
+        if not ctx.args.options.reference_free:
             kwargs["ref_model"] = reference_model(ctx)
         return kwargs
 
 
 def main(argv: list[str]) -> int:
-    return stage_main(DPOStage(), argv)
+    return DPOStage().main(argv)

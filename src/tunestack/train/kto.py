@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunestack.config.preference import KTO_LOSSES
-from tunestack.train.base import PreparedData, StageArgs, StageContext, stage_main, trl_config
+from tunestack.config.kto import KTOArguments
+from tunestack.train.base import PreparedData, StageArgs, StageContext, trl_config
 from tunestack.train.preference import PreferenceStage, drop_fresh_reference_adapter, pretokenized, reference_model
 
 
@@ -43,37 +43,38 @@ class KTOStage(PreferenceStage):
     description = "KTO on answers marked desirable/undesirable (kto records or preference pairs)."
     kind = "unpaired"
 
+    options_class = KTOArguments
+
     def validate(self, args: StageArgs) -> list[str]:
         problems = super().validate(args)
-        if self._loss() not in KTO_LOSSES:
-            problems.append(f"--loss_type {self._loss()}: expected one of {', '.join(KTO_LOSSES)}")
-        if args.train.per_device_train_batch_size < 2 and self._loss() == "kto":
+        if args.train.per_device_train_batch_size < 2 and args.options.loss == "kto":
             problems.append("KTO estimates its KL term within a batch: --per_device_train_batch_size must be >= 2")
         return problems
-
-    def _loss(self) -> str:
-        return self.options.loss_type or "kto"
 
     def shape(self, dataset: Any, ctx: StageContext) -> Any:
         # KTO reads batches in order (its KL pairs are built per batch): mix desirable and undesirable once here.
         return None if dataset is None else dataset.shuffle(seed=ctx.args.train.seed).flatten_indices()
 
-    def trainer_class(self) -> type:
+    def manifest_extras(self, ctx: StageContext) -> dict[str, Any]:
+        options = ctx.args.options
+        return {"loss_type": options.loss, "beta": options.resolved_beta}
+
+    def trainer_class(self, ctx: StageContext) -> type:
         return _kto_trainer_class()
 
     def trainer_args(self, ctx: StageContext) -> Any:
         from trl import KTOConfig
 
-        d = ctx.args.data
+        o = ctx.args.options
         return trl_config(
             KTOConfig,
             ctx.args.train,
-            loss_type=self._loss(),
-            beta=d.beta if d.beta is not None else 0.1,
-            desirable_weight=d.desirable_weight,
-            undesirable_weight=d.undesirable_weight,
+            loss_type=o.loss,
+            beta=o.resolved_beta,
+            desirable_weight=o.desirable_weight,
+            undesirable_weight=o.undesirable_weight,
             max_length=None,
-            precompute_ref_log_probs=d.precompute_ref_log_probs,
+            precompute_ref_log_probs=o.precompute_ref_log_probs,
             train_sampling_strategy="sequential",
             disable_dropout=True,
         )
@@ -83,4 +84,4 @@ class KTOStage(PreferenceStage):
 
 
 def main(argv: list[str]) -> int:
-    return stage_main(KTOStage(), argv)
+    return KTOStage().main(argv)

@@ -26,28 +26,6 @@ def lm_metric_kwargs() -> dict[str, Any]:
     return {"compute_metrics": next_token_accuracy, "preprocess_logits_for_metrics": argmax_logits}
 
 
-def lm_trainer_mixins(train_args: Any, model: Any, packed: bool) -> tuple[type, ...]:
-    """Trainer behaviour of language-modelling stages: the trained-positions loss where the model allows it,
-    and per-sample attention when batches are packed rows."""
-    from tunestack.train.efficient import TrainedPositionsLossMixin, supports_trained_positions
-
-    mixins: tuple[type, ...] = ()
-    if train_args.sparse_lm_head and supports_trained_positions(model):
-        mixins += (TrainedPositionsLossMixin,)
-    if packed:
-        mixins += packed_row_mixins(train_args)
-    return mixins
-
-
-def packed_row_mixins(train_args: Any) -> tuple[type, ...]:
-    """Per-sample attention for a trainer that feeds packed rows, unless --varlen_attention false."""
-    if not train_args.varlen_attention:
-        return ()
-    from tunestack.train.varlen import VarlenAttentionMixin
-
-    return (VarlenAttentionMixin,)
-
-
 def perplexity_line(metrics: dict[str, Any], label: str) -> str | None:
     """'LABEL: before -> after (accuracy)' for the run summary, or None without an eval."""
     if "eval_perplexity" not in metrics:

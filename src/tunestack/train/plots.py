@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from tunestack.rundir import read_metrics
 
 
 def plot_curves(
-    metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", "eval_loss"), title: str = ""
+    folder: Path, png_name: str, keys: tuple[str, ...] = ("loss", "eval_loss"), title: str = ""
 ) -> bool:
-    """Draw one line per key present in the metrics file; returns False when there is nothing to draw."""
-    rows = read_metrics(metrics_path)
+    """Draw one line per key present in FOLDER/metrics.jsonl into FOLDER/PNG_NAME; False when there is nothing."""
+    rows = read_metrics(folder)
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
@@ -35,6 +30,6 @@ def plot_curves(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    fig.savefig(Path(folder) / png_name)
     plt.close(fig)
     return True

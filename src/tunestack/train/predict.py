@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunestack.atomic import write_jsonl_atomic
+from tunestack.config.infer import GenerationArguments
 from tunestack.data.formats import Conversation
 from tunestack.eval.metrics import answer_scores, score_answers
-from tunestack.infer.batch import PromptItem, generate_all, write_jsonl_atomic
-from tunestack.infer.generate import ChatModel, GenerationArguments
+from tunestack.infer.batch import PromptItem, generate_all
+from tunestack.infer.generate import ChatModel
 
 PREDICTIONS_FILE = "predictions.jsonl"
 

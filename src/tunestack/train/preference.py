@@ -9,25 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.config.preference import PreferenceDataArguments
-from tunestack.data.preference import (
-    Item,
-    Kind,
-    LoadedPreferences,
-    PreferenceEncoder,
-    PreferenceLimits,
-    build_preference_dataset,
-    load_preferences,
-    split_held_out,
-    with_default_system,
-)
-from tunestack.data.sources import find_data_files, fingerprint_files
+from tunestack.data.preference import PREFERENCES, Item, Kind, pairs_only, unpaired
+from tunestack.data.preference_encoding import PreferenceEncoder, PreferenceLimits, build_preference_dataset
+from tunestack.data.records import load_splits
+from tunestack.data.sources import fingerprint_files
 from tunestack.data.templates import get_template, jinja_chat_template
+from tunestack.model.load import load_model
+from tunestack.model.ref import resolve_model
 from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext
-from tunestack.train.sft import save_chat_files
+from tunestack.train.chat_files import save_chat_files
 
 logger = logging.getLogger("tunestack")
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 ADAPTER_METHODS = ("lora", "qlora", "adalora", "dora")
 
 
@@ -38,7 +31,6 @@ class PreferenceStage(Stage):
     kind: Kind = "pairs"
 
     def validate(self, args: StageArgs) -> list[str]:
-        self.options: PreferenceDataArguments = args.data
         if args.model.from_scratch:
             return [
                 f"tunestack {self.name} starts from a trained model; --model_config/--config_overrides do not apply"
@@ -48,47 +40,26 @@ class PreferenceStage(Stage):
     def _template(self, ctx: StageContext) -> Any:
         return get_template(ctx.args.data.template_name, ctx.tokenizer)
 
-    def _load(self, paths: str, d: PreferenceDataArguments) -> tuple[list[Path], LoadedPreferences]:
-        files = find_data_files(paths, suffixes=DATA_SUFFIXES, what="preference data")
-        return files, load_preferences(files, d.data_format, d.skip_bad_records, kind=self.kind)
-
-    def _samples(self, loaded_items: list[Item]) -> list[Item]:
+    def _samples(self, items: list[Item]) -> list[Item]:
         """What the trainer gets: pairs (rm, dpo) or, for kto, every pair split into two unpaired samples."""
-        if self.kind != "unpaired":
-            return loaded_items
-        return list(LoadedPreferences(loaded_items).unpaired())
+        return list(unpaired(items)) if self.kind == "unpaired" else items
 
     def prepare_data(self, ctx: StageContext) -> PreparedData:
         d = ctx.args.data
         template = self._template(ctx)
-        train_files, train_loaded = self._load(d.train_file_dir, d)
-        rejects = list(train_loaded.rejects)
-        train_items = with_default_system(train_loaded.items, d.system_prompt)
-        eval_items: list[Item] = []
-        eval_files: list[Path] = []
-        if d.validation_file_dir:
-            eval_files, eval_loaded = self._load(d.validation_file_dir, d)
-            rejects += eval_loaded.rejects
-            eval_items = with_default_system(eval_loaded.items, d.system_prompt)
-        elif ctx.args.train.do_eval:
-            train_items, eval_items = split_held_out(train_items, d.validation_split_percentage, ctx.args.train.seed)
-        if d.max_train_samples and d.max_train_samples > 0:
-            train_items = train_items[: d.max_train_samples]
-        if d.max_eval_samples and d.max_eval_samples > 0:
-            eval_items = eval_items[: d.max_eval_samples]
+        accept = pairs_only if self.kind == "pairs" else None
+        splits = load_splits(d, PREFERENCES, ctx.args.train.do_eval, ctx.args.train.seed, accept)
         limits = PreferenceLimits(d.max_source_length, d.max_target_length, d.min_target_length)
         encoder = PreferenceEncoder(ctx.tokenizer, template, limits)
-        train, stats = build_preference_dataset(self._samples(train_items), encoder)
+        train, stats = build_preference_dataset(self._samples(splits.train), encoder)
         evaluation = None
-        if eval_items:
-            evaluation, eval_stats = build_preference_dataset(self._samples(eval_items), encoder)
+        if splits.eval:
+            evaluation, eval_stats = build_preference_dataset(self._samples(splits.eval), encoder)
             stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
-        stats["skipped_bad_records"] = len(rejects)
-        stats["skip_reasons"] = dict(train_loaded.reason_counts)
-        stats["formats"] = dict(train_loaded.formats)
-        key = f"{self.kind}|{fingerprint_files(train_files + eval_files)}|{d}|{jinja_chat_template(template)}"
+        stats.update(splits.stats)
+        key = f"{self.kind}|{fingerprint_files(splits.files)}|{d}|{jinja_chat_template(template)}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return PreparedData(self.shape(train, ctx), self.shape(evaluation, ctx), None, fingerprint, stats, rejects)
+        return PreparedData(self.shape(train, ctx), self.shape(evaluation, ctx), None, fingerprint, stats, splits.rejects)
 
     def shape(self, dataset: Any, ctx: StageContext) -> Any:
         """The encoded dataset as this stage's trainer wants it (default: unchanged)."""
@@ -98,7 +69,7 @@ class PreferenceStage(Stage):
         return {"processing_class": ctx.tokenizer}
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
-        save_chat_files(ctx, self._template(ctx), output_dir)
+        save_chat_files(ctx.tokenizer, self._template(ctx), ctx.ref.base_dir if ctx.ref else None, output_dir)
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         s = data.stats
@@ -127,15 +98,13 @@ class PreferenceStage(Stage):
 def reference_model(ctx: StageContext) -> Any:
     """The frozen reference of a DPO/KTO run: None under an adapter (the adapter is switched off instead) or with
     precomputed reference log-probs; else --ref_model, or a second copy of the start model."""
-    from tunestack.model.load import load_model, resolve_model
-
     args = ctx.args
-    d: PreferenceDataArguments = args.data
+    options = args.options
     if args.method in ADAPTER_METHODS:
         return None
-    if d.precompute_ref_log_probs and not d.ref_model:
+    if options.precompute_ref_log_probs and not options.ref_model:
         return None
-    ref = resolve_model(d.ref_model) if d.ref_model else ctx.ref
+    ref = resolve_model(options.ref_model) if options.ref_model else ctx.ref
     logger.info("loading the reference model (%s) for full-parameter training", ref.reference)
     model = load_model(ref, args.model, tokenizer=ctx.tokenizer)
     model.requires_grad_(False)

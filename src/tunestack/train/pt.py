@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from tunestack.config.pretrain import PretrainDataArguments
-from tunestack.data.collators import PadCollator
+from tunestack.data.collators import DocumentCollator, PadCollator
 from tunestack.data.pretrain import load_pretrain_corpus, resolve_block_size, stream_blocks
 from tunestack.data.sources import find_data_files
-from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, cache_root, stage_main
-from tunestack.train.efficient import DocumentCollator
-from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins, perplexity_line
+from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, cache_root
+from tunestack.train.fast import lm_trainer_mixins
+from tunestack.train.metrics import lm_metric_kwargs, perplexity_line
 
 
 class PretrainStage(Stage):
@@ -91,4 +91,4 @@ class PretrainStage(Stage):
 
 
 def main(argv: list[str]) -> int:
-    return stage_main(PretrainStage(), argv)
+    return PretrainStage().main(argv)

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from tunestack.config.rm import RewardModelArguments
 from tunestack.model.reward import SEQUENCE_CLASSIFICATION, VALUE_HEAD, build_reward_model, reward_head_for
-from tunestack.model.value_head import ValueHeadModel
-from tunestack.train.base import PreparedData, StageArgs, StageContext, stage_main
+from tunestack.model.value_head import VALUE_HEAD_FILE, ValueHeadModel
+from tunestack.train.base import PreparedData, StageContext, trl_config
 from tunestack.train.preference import PreferenceStage, pretokenized
 
 logger = logging.getLogger("tunestack")
@@ -68,7 +69,7 @@ def _reward_trainer_class() -> type:
                 else:
                     super()._save(output_dir, state_dict)  # the adapter (with the head as modules_to_save)
                 weight = head.weight.detach().to("cpu", torch.float32).contiguous()
-                save_file({"weight": weight}, str(Path(output_dir) / "value_head.safetensors"))
+                save_file({"weight": weight}, str(Path(output_dir) / VALUE_HEAD_FILE))
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
 
@@ -94,44 +95,22 @@ class RewardModelStage(PreferenceStage):
     task_type = "SEQ_CLS"
     kind = "pairs"
 
-    def validate(self, args: StageArgs) -> list[str]:
-        problems = super().validate(args)
-        if args.data.loss_type not in (None, "pairwise", "sigmoid"):
-            problems.append(f"--loss_type {args.data.loss_type}: the reward model trains with the pairwise loss")
-        return problems
+    options_class = RewardModelArguments
 
     def _head(self, ctx: StageContext) -> str:
-        if not hasattr(self, "_chosen_head"):
-            m = ctx.args.model
-            self._chosen_head = reward_head_for(ctx.model_config, ctx.args.data.reward_head, m.trust_remote_code)
-        return self._chosen_head
+        m = ctx.args.model
+        return reward_head_for(ctx.model_config, ctx.args.options.reward_head, m.trust_remote_code)
 
     def model_class(self, ctx: StageContext) -> Any:
         from transformers import AutoModelForSequenceClassification
 
         return ValueHeadModel if self._head(ctx) == VALUE_HEAD else AutoModelForSequenceClassification
 
-    def _build_model(self, ctx: StageContext, data: PreparedData) -> Any:
-        from transformers import set_seed
-
-        from tunestack.model.adapters import apply_tuning, describe_trainable
-        from tunestack.train.base import planned_steps
-
-        args = ctx.args
-        set_seed(args.train.seed)  # the new head and the adapter start the same way on every run
+    def load_model(self, ctx: StageContext) -> Any:
         head = self._head(ctx)
-        model = build_reward_model(ctx.ref, args.model, ctx.tokenizer, head)
-        model.config.use_cache = False
+        logger.info("reward head: %s", head)
+        model = build_reward_model(ctx.ref, ctx.args.model, ctx.tokenizer, head)
         model.config.pad_token_id = ctx.tokenizer.pad_token_id
-        model = apply_tuning(
-            model,
-            args.tuning,
-            args.method,
-            planned_steps(args.train, data.train),
-            gradient_checkpointing=bool(args.train.gradient_checkpointing),
-            task_type=self.task_type,
-        )
-        logger.info("reward head: %s; %s: %s", head, args.method, describe_trainable(model))
         return model
 
     def shape(self, dataset: Any, ctx: StageContext) -> Any:
@@ -147,33 +126,28 @@ class RewardModelStage(PreferenceStage):
 
         return dataset.map(join, remove_columns=["prompt_ids"], desc="joining prompts and answers")
 
-    def trainer_class(self) -> type:
+    def trainer_class(self, ctx: StageContext) -> type:
         return _reward_trainer_class()
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
         train = ctx.args.train
         if self._head(ctx) == VALUE_HEAD or not train.padding_free:
             return ()
-        from tunestack.train.metrics import packed_row_mixins
-        from tunestack.train.packed_scores import PackedRewardMixin
+        from tunestack.train.fast import packed_row_mixins
+        from tunestack.train.fast.packed_scores import PackedRewardMixin
 
         return (PackedRewardMixin, *packed_row_mixins(train))
 
     def trainer_args(self, ctx: StageContext) -> Any:
         from trl import RewardConfig
 
-        from tunestack.train.base import trl_config
-
         return trl_config(RewardConfig, ctx.args.train, max_length=None, disable_dropout=True)
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         return {"processing_class": ctx.tokenizer, "compute_metrics": pairwise_metrics}
 
-    def _manifest(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
-        manifest = super()._manifest(ctx, data)
-        manifest["reward_head"] = self._head(ctx)
-        manifest["load_with"] = "tunestack.model.reward.load_reward_model"
-        return manifest
+    def manifest_extras(self, ctx: StageContext) -> dict[str, Any]:
+        return {"reward_head": self._head(ctx), "load_with": "tunestack.model.reward.load_reward_model"}
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         lines = super().summary_lines(ctx, data, result)
@@ -192,4 +166,4 @@ class RewardModelStage(PreferenceStage):
 
 
 def main(argv: list[str]) -> int:
-    return stage_main(RewardModelStage(), argv)
+    return RewardModelStage().main(argv)

@@ -2,50 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any
 
 from tunestack.config.sft import SupervisedDataArguments
-from tunestack.data.formats import Conversation, load_conversations
-from tunestack.data.sources import find_data_files, fingerprint_files
+from tunestack.data.collators import PackedCollator
+from tunestack.data.formats import CONVERSATIONS
+from tunestack.data.records import load_splits
+from tunestack.data.sources import fingerprint_files
 from tunestack.data.supervised import build_sft_dataset, collator_for
-from tunestack.data.templates import TokenizerTemplate, get_template, jinja_chat_template, stop_token_ids
-from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext, stage_main
-from tunestack.train.efficient import PackedCollator
-from tunestack.train.metrics import lm_metric_kwargs, lm_trainer_mixins, perplexity_line
-
-
-def load_chat_split(paths: str, data_args: Any) -> Any:
-    files = find_data_files(paths, suffixes=(".json", ".jsonl", ".csv", ".parquet"), what="chat data")
-    return files, load_conversations(files, data_args.data_format, data_args.skip_bad_records)
-
-
-def with_default_system(conversations: list[Conversation], system: str | None) -> list[Conversation]:
-    if not system:
-        return conversations
-    return [c if c.system else dataclasses.replace(c, system=system) for c in conversations]
-
-
-def save_chat_files(ctx: StageContext, template: Any, output_dir: Path) -> None:
-    """Chat template into the tokenizer files and the template's stop tokens into generation_config.json,
-    so every later consumer (merge, chat, serve, vLLM) stops where training taught the model to stop."""
-    from transformers import GenerationConfig
-
-    tokenizer = ctx.tokenizer
-    if not isinstance(template, TokenizerTemplate):
-        tokenizer.chat_template = jinja_chat_template(template)
-        tokenizer.save_pretrained(output_dir)
-    try:
-        gen = GenerationConfig.from_pretrained(ctx.ref.base_dir) if ctx.ref else GenerationConfig()
-    except OSError:
-        gen = GenerationConfig()
-    stops = stop_token_ids(template, tokenizer)
-    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.bos_token_id = tokenizer.bos_token_id
-    gen.save_pretrained(output_dir)
+from tunestack.data.templates import get_template, jinja_chat_template, stop_token_ids
+from tunestack.train.base import PreparedData, Stage, StageArgs, StageContext
+from tunestack.train.chat_files import save_chat_files
+from tunestack.train.fast import lm_trainer_mixins
+from tunestack.train.metrics import lm_metric_kwargs, perplexity_line
 
 
 class SupervisedStage(Stage):
@@ -54,9 +26,6 @@ class SupervisedStage(Stage):
     data_class = SupervisedDataArguments
 
     def validate(self, args: StageArgs) -> list[str]:
-        if args.train.padding_free and args.train.include_num_input_tokens_seen == "non_padding":
-            # Packed rows have no padding and no attention mask; counting ids != pad would skip real EOS tokens.
-            args.train.include_num_input_tokens_seen = "all"
         d, problems = args.data, []
         budget = args.train.max_tokens_per_batch
         if budget is not None and budget < d.model_max_length:
@@ -79,28 +48,7 @@ class SupervisedStage(Stage):
     def prepare_data(self, ctx: StageContext) -> PreparedData:
         d = ctx.args.data
         template = self._template(ctx)
-        train_files, train_loaded = load_chat_split(d.train_file_dir, d)
-        rejects = list(train_loaded.rejects)
-        train_convs = with_default_system(train_loaded.conversations, d.system_prompt)
-        eval_convs: list[Conversation] = []
-        eval_files: list[Path] = []
-        if d.validation_file_dir:
-            eval_files, eval_loaded = load_chat_split(d.validation_file_dir, d)
-            rejects += eval_loaded.rejects
-            eval_convs = with_default_system(eval_loaded.conversations, d.system_prompt)
-        elif ctx.args.train.do_eval and d.validation_split_percentage > 0 and len(train_convs) > 1:
-            import random
-
-            order = list(range(len(train_convs)))
-            random.Random(ctx.args.train.seed).shuffle(order)
-            n_eval = max(1, int(len(train_convs) * d.validation_split_percentage / 100))
-            held = set(order[:n_eval])
-            eval_convs = [c for i, c in enumerate(train_convs) if i in held]
-            train_convs = [c for i, c in enumerate(train_convs) if i not in held]
-        if d.max_train_samples and d.max_train_samples > 0:
-            train_convs = train_convs[: d.max_train_samples]
-        if d.max_eval_samples and d.max_eval_samples > 0:
-            eval_convs = eval_convs[: d.max_eval_samples]
+        splits = load_splits(d, CONVERSATIONS, ctx.args.train.do_eval, ctx.args.train.seed)
         build = dict(
             tokenizer=ctx.tokenizer,
             template=template,
@@ -109,30 +57,37 @@ class SupervisedStage(Stage):
             max_source_length=d.max_source_length,
             max_target_length=d.max_target_length,
         )
-        train, stats = build_sft_dataset(train_convs, **build)
+        train, stats = build_sft_dataset(splits.train, **build)
         evaluation = None
-        if eval_convs:
-            evaluation, eval_stats = build_sft_dataset(eval_convs, **build)
+        if splits.eval:
+            evaluation, eval_stats = build_sft_dataset(splits.eval, **build)
             stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
-        stats["skipped_bad_records"] = len(rejects)
-        stats["skip_reasons"] = dict(train_loaded.reason_counts)
-        key = f"{fingerprint_files(train_files + eval_files)}|{d}|{jinja_chat_template(template)}"
+        stats.update(splits.stats)
+        key = f"{fingerprint_files(splits.files)}|{d}|{jinja_chat_template(template)}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         collator = PackedCollator() if ctx.args.train.padding_free else collator_for(ctx.tokenizer)
         return PreparedData(
-            train, evaluation, collator, fingerprint, stats, rejects, {"eval_conversations": eval_convs}
+            train, evaluation, collator, fingerprint, stats, splits.rejects, {"eval_conversations": splits.eval}
         )
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
-        from tunestack.train.batching import TokenBudgetMixin
+        from tunestack.train.fast.batching import TokenBudgetMixin
 
         return (TokenBudgetMixin, *lm_trainer_mixins(ctx.args.train, model, packed=ctx.args.train.padding_free))
 
+    def trainer_args(self, ctx: StageContext) -> Any:
+        train = ctx.args.train
+        if train.padding_free and train.include_num_input_tokens_seen == "non_padding":
+            # Packed rows have no padding and no attention mask; counting ids != pad would skip real EOS tokens.
+            train = copy.copy(train)
+            train.include_num_input_tokens_seen = "all"
+        return train
+
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
-        save_chat_files(ctx, self._template(ctx), output_dir)
+        save_chat_files(ctx.tokenizer, self._template(ctx), ctx.ref.base_dir if ctx.ref else None, output_dir)
 
     def after_training(self, ctx: StageContext, trainer: Any, data: PreparedData) -> dict[str, Any]:
         d = ctx.args.data
@@ -179,4 +134,4 @@ class SupervisedStage(Stage):
 
 
 def main(argv: list[str]) -> int:
-    return stage_main(SupervisedStage(), argv)
+    return SupervisedStage().main(argv)

@@ -15,8 +15,8 @@ import torch
 from transformers.trainer_utils import rotate_checkpoints
 
 from tunestack.errors import TrainingDiverged
-from tunestack.model.adapters import is_adalora, load_adalora_state, save_adalora_state
-from tunestack.train.checkpoint import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, verify_saved_model
+from tunestack.model.tuning import is_adalora, load_adalora_state, save_adalora_state
+from tunestack.rundir import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, verify_saved_model
 
 
 class TunestackTrainerMixin:
@@ -41,7 +41,7 @@ class TunestackTrainerMixin:
         if self.args.should_save:
             if is_adalora(self.model):
                 save_adalora_state(self.accelerator.unwrap_model(self.model), staging)
-            verify_saved_model(staging, self.model, trained=step > 0)
+            verify_saved_model(staging, trained=step > 0)
             if self.state.best_global_step:
                 best = run_dir / f"checkpoint-{self.state.best_global_step}"
                 if best.exists() or self.state.best_global_step == step:

@@ -107,7 +107,7 @@ class TokenBudgetMixin:
             return super().get_train_dataloader()
         from torch.utils.data import DataLoader
 
-        from tunestack.train.efficient import PackedCollator
+        from tunestack.data.collators import PackedCollator
 
         dataset = self.train_dataset
         sampler = TokenBudgetBatchSampler(

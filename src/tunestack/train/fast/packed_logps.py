@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunestack.train.efficient import (
+from tunestack.train.fast.efficient import (
     IGNORE_INDEX,
     head_chunks,
     hf_model,

@@ -93,7 +93,7 @@ AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
 def _config(model: Any) -> Any:
-    from tunestack.train.efficient import hf_model
+    from tunestack.train.fast.efficient import hf_model
 
     return getattr(hf_model(model), "config", None)
 

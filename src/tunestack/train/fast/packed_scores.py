@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tunestack.train.efficient import hf_model, packed_positions
+from tunestack.train.fast.efficient import hf_model, packed_positions
 
 MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache", "return_dict"}
 

@@ -1,9 +1,9 @@
-"""Training without waste: padding-free batches and an output layer computed only where a loss is.
+"""Training without waste: an output layer computed only where a loss is.
 
-Padding-free: the samples of a batch are concatenated into one row whose position ids restart at
-every sample; transformers turns restarting position ids (with no attention mask) into a
-block-diagonal causal mask for SDPA/eager and into varlen kernels for flash-attention, so no token
-attends across samples.
+Padding-free batches (data/collators.py PackedCollator) are one row of concatenated samples whose position
+ids restart at every sample; transformers turns restarting position ids (with no attention mask) into a
+block-diagonal causal mask for SDPA/eager and into varlen kernels for flash-attention, and varlen.py runs
+attention per sample, so no token attends across samples.
 
 Trained positions only: the LM head (49k-wide for SmolLM2) and the cross-entropy run on the
 positions whose next-token label is trained, in chunks whose gradients are taken as they are
@@ -15,35 +15,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class PackedCollator:
-    """Concatenate a batch into one row: input_ids / labels / position_ids of shape [1, total]."""
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, labels, positions = [], [], []
-        for f in features:
-            x = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            y = torch.as_tensor(f["labels"], dtype=torch.long) if "labels" in f else x.clone()
-            y = y.clone()
-            y[0] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
-            ids.append(x)
-            labels.append(y)
-            positions.append(torch.arange(x.numel()))
-        return {
-            "input_ids": torch.cat(ids).unsqueeze(0),
-            "labels": torch.cat(labels).unsqueeze(0),
-            "position_ids": torch.cat(positions).unsqueeze(0),
-        }
+from tunestack.data.collators import IGNORE_INDEX
 
 
 def packed_positions(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,37 +30,6 @@ def packed_positions(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = keep.reshape(-1).nonzero().squeeze(1)
     positions = (keep.long().cumsum(1) - 1).reshape(-1)[flat]
     return flat, positions
-
-
-def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Position ids that restart after every EOS, so packed documents do not attend to each other."""
-    batch, length = input_ids.shape
-    arange = torch.arange(length).expand(batch, length)
-    is_end = input_ids == eos_id
-    # Index where the current document starts: one past the last EOS before each position.
-    start = torch.where(is_end, arange + 1, torch.zeros_like(arange))
-    start = torch.cummax(torch.cat([torch.zeros(batch, 1, dtype=torch.long), start[:, :-1]], dim=1), dim=1).values
-    return arange - start
-
-
-@dataclass
-class DocumentCollator:
-    """PT blocks whose documents stay apart: positions restart after every EOS (full blocks only)."""
-
-    pad_token_id: int
-    eos_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from tunestack.data.collators import PadCollator
-
-        batch = PadCollator(self.pad_token_id)(features)
-        if bool(batch["attention_mask"].all()):
-            batch["position_ids"] = document_position_ids(batch["input_ids"], self.eos_token_id)
-            labels = batch["labels"]
-            first = batch["position_ids"] == 0
-            labels[first] = IGNORE_INDEX  # a document's first token is not predicted from the previous one
-            del batch["attention_mask"]
-        return batch
 
 
 def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:

