@@ -255,3 +255,22 @@ def test_token_budget_batches(cli, tiny_model, chat_dir, tmp_path, monkeypatch):
 
     code, _, err = _sft(cli, tiny_model, chat_dir, tmp_path / "bad", "--max_tokens_per_batch", 16)
     assert code == 2 and "--max_tokens_per_batch 16 is less than --model_max_length 512" in err
+
+
+def test_run_json_records_every_option_and_no_secret_is_written(cli, tiny_model, chat_dir, tmp_path):
+    out = tmp_path / "out"
+    secrets = ("hf_SECRETmodel123", "hf_SECRETtrainer456")
+    code, _, err = _sft(
+        cli, tiny_model, chat_dir, out, "--max_tokens_per_batch", 512, "--model_max_length", 128,
+        "--hf_hub_token", secrets[0], "--hub_token", secrets[1], "--report_to", "tensorboard",
+        "--save_strategy", "steps", "--save_steps", 2, "--do_train", "true", "--do_eval", "true",
+    )  # fmt: skip
+    assert code == 0, err
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert options["train"]["max_tokens_per_batch"] == 512  # a "token" in the name is not a secret
+    assert options["train"]["include_num_input_tokens_seen"] == "non_padding"  # as given (the trainer counts all)
+    assert options["model"]["hf_hub_token"] == options["train"]["hub_token"] == "<redacted>"
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("events.out.tfevents") for p in written) and any("checkpoint-" in str(p) for p in written)
+    leaks = [str(p) for p in written for s in secrets if s.encode() in p.read_bytes()]
+    assert leaks == []

@@ -280,7 +280,7 @@ def train_with_trainer(
     """The default `fit`: a transformers/TRL trainer with tunestack's callbacks and checkpoints."""
     from transformers import EarlyStoppingCallback
 
-    from tunestack.train.trainer import with_tunestack
+    from tunestack.train.trainer import drop_pickled_arguments, with_tunestack
 
     args = ctx.args
     out_dir = Path(args.train.output_dir)
@@ -318,7 +318,7 @@ def train_with_trainer(
         if trainer.is_world_process_zero():
             ctx.tokenizer.save_pretrained(out_dir)
             stage.save_extras(ctx, out_dir)
-            (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has the options
+            drop_pickled_arguments(out_dir)
             verify_saved_model(out_dir, trained=trainer.state.global_step > 0)
     if run_eval:
         history = trainer.state.log_history

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from tunestack.errors import TrainingDiverged
@@ -39,6 +40,7 @@ class TunestackTrainerMixin:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            drop_pickled_arguments(staging)
             if is_adalora(self.model):
                 save_adalora_state(self.accelerator.unwrap_model(self.model), staging)
             verify_saved_model(staging, trained=step > 0)
@@ -87,10 +89,16 @@ class TunestackTrainerMixin:
             )
         return grad_norm
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and "eval_perplexity" not in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
-        super().log(logs, *args, **kwargs)
+        super().log(logs, start_time)
+
+
+def drop_pickled_arguments(folder: Path) -> None:
+    """The Trainer pickles its arguments (hub token included) into every save; run.json records them instead,
+    and nothing reads the pickle back."""
+    (Path(folder) / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
 
 def perplexity(loss: float) -> float:
