@@ -9,9 +9,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from tunestack.locks import file_lock
 
 
 def _temp_beside(path: Path) -> Path:
@@ -96,3 +98,21 @@ def remove_stale_staging(final: Path, tag: str = "staging") -> None:
         pid = child.name[len(head) :].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(child, ignore_errors=True)
+
+
+def build_once(target: str | Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """A cache folder made once for every process that asks at the same time (torchrun ranks, nodes sharing
+    the cache): one builds it into a staging folder while the others wait for the lock, then all read it.
+    A folder counts only when `complete` says so, checked before it is put in place; an incomplete one
+    (left by an older version or a crash) is built again and replaced, never trusted."""
+    target = Path(target)
+    if complete(target):
+        return target
+    with file_lock(target.with_name(f".{target.name}.lock")):
+        if complete(target):  # another process built it while this one waited
+            return target
+        with staged_folder(target, "building") as staging:
+            build(staging)
+            if not complete(staging):
+                raise RuntimeError(f"building the cache folder {target} left it incomplete")
+    return target

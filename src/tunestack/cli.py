@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -156,12 +157,27 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     from tunestack.errors import TunestackError
 
+    received = _stop_on_sigterm()
     try:
         code = resolve(COMMANDS[command].target)(rest)
     except TunestackError as exc:
         print(f"tunestack {command}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print(f"tunestack {command}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        name = received[-1] if received else signal.SIGINT
+        print(f"tunestack {command}: stopped by {name.name}; nothing half-written is left", file=sys.stderr)
+        sys.exit(128 + name.value)
     sys.exit(code or 0)
+
+
+def _stop_on_sigterm() -> list[signal.Signals]:
+    """SIGTERM unwinds the command like Ctrl-C (its temporary files are removed on the way out); training stages
+    replace this with a stop after the current step. Returns the list the received signal is appended to."""
+    received: list[signal.Signals] = []
+
+    def handle(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handle)
+    return received

@@ -22,18 +22,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tunestack.atomic import commit_folder, write_json_atomic
+from tunestack.atomic import write_json_atomic
+from tunestack.checkpoints import STAGING_DIR, checkpoint_dirs, latest_complete_checkpoint
 from tunestack.errors import ConfigError, ModelError, TunestackError
+from tunestack.locks import WriterLock
 
 logger = logging.getLogger(__name__)
 
 RUN_MANIFEST = "run.json"
 METRICS_FILE = "metrics.jsonl"
 PIPELINE_STATE = "pipeline.json"  # a stage folder: the fingerprint it was run with; an output root: the last run
-MARKER = "tunestack_checkpoint.json"
-STAGING_DIR = ".staging"
 REDACTED = "<redacted>"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+LOCK_FILE = ".tunestack.lock"
 # Option names whose values are secrets: hub tokens, API keys, passwords.
 _SECRET = re.compile(r"(^|_)token$|api_key|apikey|password|secret", re.IGNORECASE)
 _LIBRARIES = ("tunestack", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
@@ -125,78 +125,73 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Whose folder it is
 
 
-def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
-    """(step, path, complete) for every checkpoint-N folder, by step."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    out = []
-    for child in root.iterdir():
-        m = _CHECKPOINT.match(child.name)
-        if m and child.is_dir():
-            out.append((int(m.group(1)), child, (child / MARKER).exists()))
-    return sorted(out)
-
-
-def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    for _step, path, complete in reversed(checkpoint_dirs(output_dir)):
-        if complete:
-            return path
-        logger.warning("ignoring incomplete checkpoint %s (no %s)", path, MARKER)
-    return None
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def commit_checkpoint(staging: Path, final: Path, step: int) -> None:
-    """Mark a fully written staging checkpoint complete (its files and sizes listed) and move it into place."""
-    files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
-    _fsync_tree(staging)
-    marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-    write_json_atomic(staging / MARKER, marker)
-    commit_folder(staging, final)
-
-
-class SaveCheckError(TunestackError):
-    """A save that would be useless (empty or untrained adapter, missing config)."""
-
-    exit_code = 1
-
-
-def verify_saved_model(folder: Path, trained: bool) -> None:
-    """Refuse a save that is empty, untrained or incomplete (a silent failure in other toolkits)."""
+def is_tunestack_folder(folder: Path) -> bool:
+    """Whether tunestack may write, clean or replace `folder`: it is absent or empty, or its run.json (or the
+    pipeline's record, or a marked checkpoint) says tunestack wrote it."""
     folder = Path(folder)
-    problems = []
-    adapter = folder / "adapter_model.safetensors"
-    config = folder / "adapter_config.json"
-    if config.exists():
-        if not adapter.exists() or adapter.stat().st_size < 256:
-            problems.append(f"{adapter} is missing or empty")
-        elif trained and json.loads(config.read_text()).get("peft_type") != "ADALORA" and _untrained(adapter):
-            problems.append(f"{adapter}: every LoRA B matrix is zero, the adapter never trained")
-    elif not (folder / "config.json").exists():
-        problems.append(f"{folder}: no config.json or adapter_config.json was written")
-    elif not any(folder.glob("*.safetensors")):
-        problems.append(f"{folder}: no *.safetensors weights were written")
-    if problems:
-        raise SaveCheckError("save check failed: " + "; ".join(problems))
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    if not any(p.name != LOCK_FILE for p in folder.iterdir()):
+        return True
+    records = any((read_json(folder / name) or {}).get("stage") for name in (RUN_MANIFEST, PIPELINE_STATE))
+    return records or any(complete for _, _, complete in checkpoint_dirs(folder))
 
 
-def _untrained(adapter_file: Path) -> bool:
-    """True when every LoRA B matrix of the adapter file is zero (PEFT initialises B to zero)."""
-    from safetensors import safe_open
+def require_tunestack_folder(folder: Path, flag: str = "--output_dir") -> None:
+    """ConfigError naming the folder and what is in it, unless tunestack may write there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {folder} is a file, not a folder")
+    if is_tunestack_folder(folder):
+        return
+    names = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ConfigError(
+        f"{flag} {folder} holds files tunestack did not write ({shown}); tunestack writes only into an empty "
+        "folder or one of its own output folders: choose another folder"
+    )
 
-    with safe_open(str(adapter_file), framework="pt") as fh:
-        keys = [k for k in fh.keys() if "lora_B" in k]
-        return bool(keys) and all(not fh.get_tensor(k).any() for k in keys)
+
+def claim_output_folder(output: Path, overwrite: bool, inputs: list[Path]) -> WriterLock:
+    """The lock on a folder that a command builds whole and puts in place at the end (merge, export), after
+    checking that it may: not one of its inputs, and empty or (with overwrite) an earlier tunestack output."""
+    output = Path(output)
+    resolved = output.resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if resolved == folder or folder.is_relative_to(resolved):
+            raise ConfigError(f"--output_dir {output} would replace the input {folder}; choose another folder")
+    require_tunestack_folder(output)
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"--output_dir {output} is not empty; pass --overwrite_output_dir to replace it")
+    return WriterLock(output.with_name(f".{output.name}{LOCK_FILE}"), output).acquire()
+
+
+def clear_run_folder(folder: Path) -> None:
+    """Everything an earlier run left in its folder (weights, checkpoints, logs, plots), not the lock and not the
+    pipeline's record of this run."""
+    for child in Path(folder).iterdir():
+        if child.name in (LOCK_FILE, PIPELINE_STATE):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def promote_final(staging: Path, folder: Path) -> None:
+    """Move the files of a finished, checked final save from its staging folder into the run folder."""
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = folder / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +208,34 @@ class OutputFolder:
         self.is_main = is_main
         self.created_here = False
         self.manifest: dict[str, Any] = {}
+        self.lock: WriterLock | None = None
 
     def plan(self, resume: str | None, overwrite: bool) -> Path | None:
-        """Decide where training starts. Returns the checkpoint to resume from, or None.
+        """Take the folder (one writer at a time) and decide where training starts: the checkpoint to resume
+        from, or None. Call it on the main process only.
 
-        Raises ConfigError when the folder holds another run and neither resume nor overwrite was asked.
+        Raises ConfigError when the folder is another process's, holds files tunestack did not write, or holds
+        another run and neither resume nor overwrite was asked.
         """
-        previous = read_run_manifest(self.path) if self.path.is_dir() else None
+        require_tunestack_folder(self.path)
+        self.created_here = not self.path.exists()
+        self.lock = WriterLock(self.path / LOCK_FILE, self.path).acquire()
+        try:
+            return self._start(resume, overwrite)
+        except ConfigError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the folder (a folder this run created and left empty goes too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.created_here and self.path.is_dir() and not any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _start(self, resume: str | None, overwrite: bool) -> Path | None:
+        previous = read_run_manifest(self.path)
         checkpoints = checkpoint_dirs(self.path)
         if resume and resume.lower() not in ("false", "no", "0"):
             if resume.lower() in ("true", "yes", "1", "auto", "latest"):
@@ -232,12 +248,7 @@ class OutputFolder:
                 raise ConfigError(f"--resume_from_checkpoint: {path} is not a folder")
             return path
         if overwrite:
-            if self.is_main:
-                for _, ckpt, _ in checkpoints:
-                    shutil.rmtree(ckpt)
-                for name in (RUN_MANIFEST, METRICS_FILE, "loss.png", STAGING_DIR):
-                    target = self.path / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            clear_run_folder(self.path)
             return None
         if checkpoints:
             raise ConfigError(
@@ -261,7 +272,7 @@ class OutputFolder:
         }
         if not self.is_main:
             return
-        self.created_here = not self.path.exists()
+        self.created_here = self.created_here or not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.path / STAGING_DIR, ignore_errors=True)
         self.write()
@@ -288,13 +299,16 @@ class OutputFolder:
 
     @contextlib.contextmanager
     def running(self, manifest: dict[str, Any]) -> Iterator[OutputFolder]:
-        """begin(); a user error inside abandons the run, any other exception marks it failed. The caller
-        finishes it (complete or interrupted)."""
+        """begin(); a user error inside abandons the run, a signal marks it interrupted, any other exception
+        failed. The caller finishes it (complete or interrupted)."""
         self.begin(manifest)
         try:
             yield self
         except TunestackError as exc:
             self.abandon(str(exc))
+            raise
+        except KeyboardInterrupt:
+            self.finish("interrupted", error="stopped by a signal")
             raise
         except BaseException as exc:
             self.finish("failed", error=f"{type(exc).__name__}: {exc}")

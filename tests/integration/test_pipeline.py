@@ -156,7 +156,7 @@ def test_changed_data_file_reruns_that_stage_and_downstream_only(finished: Path,
 
 
 def test_killed_pipeline_resumes_the_interrupted_stage(tmp_path, tiny_model, pt_corpus, cli, monkeypatch) -> None:
-    from tunestack.rundir import latest_complete_checkpoint
+    from tunestack.checkpoints import latest_complete_checkpoint
 
     stages = [
         {"name": "pt", "stage": "pt", "train_file_dir": "data/pt", "block_size": 32, "max_steps": 2,

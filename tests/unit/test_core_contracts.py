@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tunestack.checkpoints import MARKER
 from tunestack.config.model import ModelArguments
 from tunestack.config.parse import parse_into
 from tunestack.config.pretrain import PretrainDataArguments
@@ -14,7 +15,7 @@ from tunestack.config.train import TrainArguments
 from tunestack.config.tuning import TuningArguments
 from tunestack.errors import ConfigError, ModelError
 from tunestack.model.ref import resolve_model, resolve_stack, root_base, training_system_prompt
-from tunestack.rundir import MARKER, REDACTED, OutputFolder, redact
+from tunestack.rundir import REDACTED, OutputFolder, redact
 
 CLASSES = (ModelArguments, PretrainDataArguments, TuningArguments, TrainArguments)
 

@@ -92,7 +92,7 @@ def test_a_staged_checkpoint_holds_what_the_trainer_itself_writes(tiny_model: Pa
     writes (weights, optimizer, scheduler, RNG, trainer state), plus the completion marker listing them."""
     from transformers import Trainer
 
-    from tunestack.rundir import MARKER
+    from tunestack.checkpoints import MARKER
     from tunestack.train.trainer import with_tunestack
 
     plain = _train_and_checkpoint(Trainer, tiny_model, tmp_path / "plain")

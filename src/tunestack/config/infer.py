@@ -42,6 +42,9 @@ class ModelSelection:
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit (bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 (bitsandbytes)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model folder's own Python code."})
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "Load pickled weights (*.bin) with torch's weights_only loader."}
+    )
     resize_emb: bool = field(
         default=False, metadata={"help": "Accepted for compatibility: embeddings grow to the tokenizer automatically."}
     )

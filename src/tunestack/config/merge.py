@@ -39,6 +39,9 @@ class MergeArguments:
         default=None, metadata={"help": "Merge on a GPU (e.g. auto or cuda:0); if omitted, on the CPU."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the base folder's own Python code."})
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "Load pickled weights (*.bin) with torch's weights_only loader."}
+    )
     resize_emb: bool = field(
         default=False,
         metadata={"help": "Accepted for compatibility: embeddings grow to the tokenizer's size automatically."},

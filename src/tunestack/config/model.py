@@ -58,6 +58,10 @@ class ModelArguments:
         default=False,
         metadata={"help": "Run the model folder's own Python code (ChatGLM, InternLM2...). Off unless asked."},
     )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "Load pickled weights (*.bin, *.pt) with torch's weights_only loader; refused otherwise."},
+    )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the library's choice)."}
     )

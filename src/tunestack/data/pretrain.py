@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tunestack.atomic import staged_folder
+from tunestack.atomic import build_once
 from tunestack.data.records import held_out_indices
 from tunestack.data.sources import TEXT_SUFFIXES, find_data_files, fingerprint_files, iter_records, read_text
 from tunestack.errors import ConfigError, DataError
@@ -207,24 +207,35 @@ def resolve_block_size(requested: int | None, model_context: int | None) -> int:
     return requested
 
 
+_STARTED = time.time()
+_STATS_FILE = "tunestack_stats.json"
+
+
 def cached_dataset(cache_dir: Path, build: Any, overwrite: bool) -> tuple[Any, dict[str, Any], bool]:
-    """Load a saved dataset and its stats, or build (-> dataset, stats) and save both atomically.
+    """Load a saved dataset and its stats, or build (-> dataset, stats) and save both, once across processes:
+    under torchrun or several nodes, one process tokenizes while the others wait and then read its result.
+    With `overwrite` a cache made before this process started is built again.
 
     Returns (dataset, stats, was_cached).
     """
     import datasets
 
-    stats_file = "tunestack_stats.json"
-    if (cache_dir / stats_file).exists() and not overwrite:
-        try:
-            return datasets.load_from_disk(str(cache_dir)), json.loads((cache_dir / stats_file).read_text()), True
-        except (FileNotFoundError, ValueError):
-            shutil.rmtree(cache_dir, ignore_errors=True)
-    dataset, stats = build()
-    with staged_folder(cache_dir, "build") as staging:
+    made: dict[str, Any] = {}
+
+    def complete(folder: Path) -> bool:
+        stats = folder / _STATS_FILE
+        return stats.is_file() and (folder / "state.json").is_file() and (
+            not overwrite or stats.stat().st_mtime >= _STARTED
+        )
+
+    def save(staging: Path) -> None:
+        dataset, made["stats"] = build()
         dataset.save_to_disk(str(staging))
-        (staging / stats_file).write_text(json.dumps(stats))
-    return datasets.load_from_disk(str(cache_dir)), stats, False
+        (staging / _STATS_FILE).write_text(json.dumps(made["stats"]))
+
+    build_once(cache_dir, save, complete)
+    stats = made.get("stats") or json.loads((cache_dir / _STATS_FILE).read_text())
+    return datasets.load_from_disk(str(cache_dir)), stats, "stats" not in made
 
 
 def load_pretrain_corpus(

@@ -113,6 +113,7 @@ class ChatModel:
             load_in_8bit=selection.load_in_8bit,
             load_in_4bit=selection.load_in_4bit,
             trust_remote_code=selection.trust_remote_code,
+            allow_pickle=selection.allow_pickle,
         )
         if not on_gpu and args.torch_dtype == "auto":
             args.torch_dtype = "float32"

@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 from tunestack.errors import ModelError
@@ -72,6 +73,8 @@ def attach_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> An
         config.modules_to_save = [m for m in (config.modules_to_save or []) if m not in ("lm_head", "embed_out")]
     try:
         model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=trainable)
+    except UnpicklingError as exc:  # --allow_pickle: weights_only refused what is not a tensor
+        raise ModelError(f"{adapter_dir}: its pickled weights hold more than tensors ({exc}); not loaded") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")

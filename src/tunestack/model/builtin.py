@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunestack.atomic import staged_folder
+from tunestack.atomic import build_once
 from tunestack.errors import ModelError
 from tunestack.rundir import tunestack_home
 
@@ -44,11 +44,22 @@ def strip_gguf_quantizer(model: Any) -> None:
             model.__dict__[attr] = False
 
 
+def is_complete_model_folder(folder: Path) -> bool:
+    """A converted model folder holds a config, its weights and a tokenizer (all of them, or it is rebuilt)."""
+    return (
+        (folder / "config.json").is_file()
+        and any(folder.glob("*.safetensors"))
+        and (folder / "tokenizer_config.json").is_file()
+        and ((folder / "tokenizer.json").is_file() or any(folder.glob("*.model")))
+    )
+
+
 def builtin_model_dir(alias: str) -> Path:
-    """Convert a built-in GGUF model once into a cached safetensors folder and return it."""
+    """Convert a built-in GGUF model once into a cached safetensors folder and return it. Under torchrun (or
+    several nodes sharing the cache) one process converts while the others wait, and then all read it."""
     spec = BUILTIN_MODELS[alias]
     target = tunestack_home() / "models" / alias
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    if is_complete_model_folder(target):
         return target
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
@@ -59,13 +70,16 @@ def builtin_model_dir(alias: str) -> Path:
     package_dir = Path(list(found.submodule_search_locations)[0])
     if not (package_dir / spec.gguf_file).exists():
         raise ModelError(f"{package_dir / spec.gguf_file} is missing; reinstall with: {spec.install}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s from %s (once; cached in %s)", alias, spec.gguf_file, target)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype="float32")
-    strip_gguf_quantizer(model)
-    with staged_folder(target, "converting") as staging:
-        model.save_pretrained(staging)
+    def convert(staging: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        logger.info("converting %s from %s (once; cached in %s)", alias, spec.gguf_file, target)
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype="float32")
+        strip_gguf_quantizer(model)
+        # Every process of a distributed launch may be the one converting: it must write the weights.
+        model.save_pretrained(staging, is_main_process=True)
         tokenizer.save_pretrained(staging)
-    return target
+
+    return build_once(target, convert, is_complete_model_folder)

@@ -8,13 +8,17 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
-from tunestack.atomic import staged_folder
+from safetensors import SafetensorError
+
+from tunestack.atomic import build_once
 from tunestack.errors import ModelError
 from tunestack.model.adapters import stack_adapters
 from tunestack.model.builtin import strip_gguf_quantizer
 from tunestack.model.ref import ModelRef
+from tunestack.model.safety import announce_remote_code, refuse_pickled_weights
 from tunestack.rundir import tunestack_home
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,12 @@ def load_tokenizer(
         assert ref is not None, "a tokenizer needs a model reference or a tokenizer path"
         source = ref.tokenizer_dir
         gguf = ref.gguf_file if source == ref.base_dir else None
+    if source.is_dir() and gguf is None and not any(source.glob(pattern) for pattern in _TOKENIZER_FILES):
+        raise ModelError(
+            f"{source} has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file): copy the "
+            "model's tokenizer files there, or pass --tokenizer_name_or_path"
+        )
+    announce_remote_code(source, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, gguf_file=gguf, trust_remote_code=trust_remote_code, use_fast=use_fast, local_files_only=True
@@ -77,6 +87,9 @@ def load_tokenizer(
         # Padding is always masked by attention_mask/labels, so reusing EOS (or UNK) is safe.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "vocab.*", "*.tiktoken")
 
 
 def _device_map(args: Any) -> Any:
@@ -108,6 +121,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
+    refuse_pickled_weights([ref.base_dir, *ref.adapters], getattr(args, "allow_pickle", False))
+    announce_remote_code(ref.base_dir, args.trust_remote_code)
     quant = quantization_config(args)
     base_dir, gguf, adapters = ref.base_dir, ref.gguf_file, list(ref.adapters)
     live = adapters.pop() if keep_last_adapter and adapters else None
@@ -130,8 +145,9 @@ def load_model(
         kwargs["attn_implementation"] = args.attn_implementation
     try:
         model = model_class.from_pretrained(base_dir, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model from {base_dir}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load the model from {base_dir / (gguf or '')}: {detail}") from None
     if gguf:
         strip_gguf_quantizer(model)
     if tokenizer is not None:
@@ -142,26 +158,27 @@ def load_model(
 
 def _materialize_merged(ref: ModelRef, adapters: list[Path]) -> Path:
     """Merge base + adapters once into a cached float folder (for quantized loads of a stack)."""
-    from transformers import AutoModelForCausalLM
-
     key = hashlib.sha256()
     for adapter in adapters:
         key.update(str(adapter.resolve()).encode())
         for f in sorted(adapter.glob("adapter_model.*")):
             key.update(str(f.stat().st_mtime_ns).encode())
-    target = tunestack_home() / "merged" / key.hexdigest()[:16]
-    if (target / "config.json").exists():
-        return target
-    kwargs: dict[str, Any] = {"dtype": "float32", "local_files_only": True}
-    if ref.gguf_file:
-        kwargs["gguf_file"] = ref.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(ref.base_dir, **kwargs)
-    if ref.gguf_file:
-        strip_gguf_quantizer(model)
-    model = stack_adapters(model, adapters)
-    with staged_folder(target) as staging:
-        model.save_pretrained(staging)
-    return target
+
+    def merge(staging: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {"dtype": "float32", "local_files_only": True}
+        if ref.gguf_file:
+            kwargs["gguf_file"] = ref.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(ref.base_dir, **kwargs)
+        if ref.gguf_file:
+            strip_gguf_quantizer(model)
+        stack_adapters(model, adapters).save_pretrained(staging, is_main_process=True)
+
+    def complete(folder: Path) -> bool:
+        return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+    return build_once(tunestack_home() / "merged" / key.hexdigest()[:16], merge, complete)
 
 
 def grow_embeddings(model: Any, tokenizer: Any) -> None:

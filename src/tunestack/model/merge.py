@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.atomic import remove_stale_staging, staged_folder
+from tunestack.checkpoints import verify_saved_model
 from tunestack.config.merge import MergeArguments
 from tunestack.config.model import ModelArguments
 from tunestack.errors import ConfigError, ModelError, TunestackError
 from tunestack.model.adapters import adapter_task_type, require_mergeable, stack_adapters
 from tunestack.model.load import load_model, load_tokenizer, resolve_dtype
 from tunestack.model.ref import ModelRef, resolve_stack, training_system_prompt
-from tunestack.rundir import library_versions, verify_saved_model, write_run_manifest
+from tunestack.model.safety import refuse_pickled_weights
+from tunestack.rundir import claim_output_folder, library_versions, write_run_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +103,6 @@ def _max_diff(a: Any, b: Any) -> float:
 # The output folder
 
 
-def check_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> None:
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output_dir {output} is a file")
-    resolved = output.resolve()
-    for folder in inputs:
-        folder = folder.resolve()
-        if resolved == folder or folder.is_relative_to(resolved):
-            raise ConfigError(f"--output_dir {output} would replace the input {folder}; choose another folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConfigError(f"--output_dir {output} is not empty; pass --overwrite_output_dir to replace it")
-
-
 def _copy_support_files(ref: ModelRef, tokenizer_dir: Path, staging: Path) -> None:
     """generation_config.json from the newest folder of the stack (it carries the stop tokens) and the
     base's remote-code *.py files (ChatGLM, InternLM2 ... do not load without them)."""
@@ -162,9 +152,6 @@ def _dequantize_if_needed(model: Any) -> Any:
 
 
 def merge(args: MergeArguments) -> MergeResult:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     started = time.time()
     ref = resolve_stack(args.base_model, args.adapter)
     if not ref.adapters:
@@ -173,7 +160,18 @@ def merge(args: MergeArguments) -> MergeResult:
     output = (
         Path(args.output_dir).expanduser() if args.output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
     )
-    check_output_dir(output, args.overwrite_output_dir, [ref.base_dir, *ref.adapters])
+    lock = claim_output_folder(output, args.overwrite_output_dir, [ref.base_dir, *ref.adapters])
+    try:
+        return _merge(args, ref, output, started)
+    finally:
+        lock.release()
+
+
+def _merge(args: MergeArguments, ref: ModelRef, output: Path, started: float) -> MergeResult:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    adapter_dir = ref.adapters[-1]
     remove_stale_staging(output, STAGING_TAG)
     saved_dtype = _saved_dtype(args.torch_dtype, ref)
 
@@ -183,8 +181,12 @@ def merge(args: MergeArguments) -> MergeResult:
     model_class = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     extra = {"num_labels": 1} if seq_cls else None
     load_args = ModelArguments(
-        torch_dtype="float32", trust_remote_code=args.trust_remote_code, device_map=args.device_map
+        torch_dtype="float32",
+        trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
+        allow_pickle=args.allow_pickle,
     )
+    refuse_pickled_weights(ref.adapters, args.allow_pickle)
     bare = ModelRef(ref.reference, ref.base_dir, ref.gguf_file)
     model = load_model(bare, load_args, model_class=model_class, tokenizer=tokenizer, extra_kwargs=extra)
     model = _dequantize_if_needed(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from tunestack.errors import ModelError
 from tunestack.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir
 from tunestack.rundir import read_run_manifest
+
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 
 
 @dataclass
@@ -70,12 +73,13 @@ def resolve_model(reference: str | None, _seen: tuple[str, ...] = ()) -> ModelRe
         return ModelRef(reference, path.parent, gguf_file=path.name)
     if path.is_dir():
         manifest = read_run_manifest(path)
-        if manifest is not None and manifest.get("status") != "complete" and not _has_weights(path):
-            if not (path / "adapter_config.json").exists():
-                raise ModelError(
-                    f"{path}: this {manifest.get('stage', 'stage')} run has not finished (status: "
-                    f"{manifest.get('status')}); resume it or pick one of its checkpoint-N folders"
-                )
+        if manifest is not None and manifest.get("status") != "complete":
+            raise ModelError(
+                f"the run in {path} has not finished (status {manifest.get('status')}): resume it, or name a "
+                "checkpoint-N folder"
+            )
+        if manifest is None and _CHECKPOINT.match(path.name):
+            manifest = read_run_manifest(path.parent)  # a checkpoint stacks on the base of its run
         if (path / "adapter_config.json").exists():
             base = (manifest or {}).get("base_model") or _adapter_base(path)
             parent = resolve_model(str(base), (*_seen, reference))

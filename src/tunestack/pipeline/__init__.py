@@ -30,17 +30,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from tunestack.errors import ConfigError
+    from tunestack.locks import WriterLock
     from tunestack.pipeline.plan import describe_plan, make_plan
     from tunestack.pipeline.recipe import load_recipe
     from tunestack.pipeline.runner import refuse_under_torchrun, run_steps
+    from tunestack.rundir import LOCK_FILE
 
     args = _parser().parse_args(argv)
     if args.from_stage and args.only:
         raise ConfigError("give --from or --only, not both")
     refuse_under_torchrun()
     recipe = load_recipe(args.recipe, args.output_root)
-    steps = make_plan(recipe, args.from_stage, args.only)
     if args.dry_run:
-        print(describe_plan(recipe, steps, commands=True))  # noqa: T201
+        print(describe_plan(recipe, make_plan(recipe, args.from_stage, args.only), commands=True))  # noqa: T201
         return 0
-    return run_steps(recipe, steps, report=not args.no_report)
+    # One pipeline at a time per output root: a second one would plan resumes of folders the first is writing.
+    lock = WriterLock(recipe.output_root / LOCK_FILE, recipe.output_root).acquire()
+    try:
+        return run_steps(recipe, make_plan(recipe, args.from_stage, args.only), report=not args.no_report)
+    finally:
+        lock.release()

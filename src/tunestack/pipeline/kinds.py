@@ -35,7 +35,7 @@ PATH_KEYS = (
     "reward_funcs",
 )
 # Keys of a recipe stage that belong to the pipeline, not to the stage command.
-PIPELINE_KEYS = ("name", "stage", "nproc_per_node")
+PIPELINE_KEYS = ("name", "stage", "nproc_per_node", "allow_outside_root")
 # Options the runner sets itself; they do not change what a stage produces.
 RUNNER_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 

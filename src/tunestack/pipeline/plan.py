@@ -16,7 +16,7 @@ from tunestack.errors import ConfigError, TunestackError
 from tunestack.pipeline.fingerprint import fingerprint, what_changed
 from tunestack.pipeline.kinds import field_types, parse_options
 from tunestack.pipeline.recipe import Recipe, StageSpec, _hint, substitute
-from tunestack.rundir import PIPELINE_STATE, read_json
+from tunestack.rundir import LOCK_FILE, PIPELINE_STATE, read_json, require_tunestack_folder
 
 CACHED, RESUME, RUN, SKIP = "cached", "resume", "run", "skip"
 
@@ -73,6 +73,18 @@ def check_options(step: Step) -> list[str]:
     return []
 
 
+def folder_problems(spec: StageSpec) -> list[str]:
+    """Why the stage may not write its output folder: it is someone else's, or another process writes it."""
+    from tunestack.locks import holder
+
+    try:
+        require_tunestack_folder(spec.output_dir, flag="output_dir")
+    except ConfigError as exc:
+        return [f"stage '{spec.name}': {exc}"]
+    who = holder(spec.output_dir / LOCK_FILE)
+    return [f"stage '{spec.name}': {spec.output_dir} is in use by {who}"] if who else []
+
+
 def _decide(step: Step, upstream: dict[str, Step]) -> tuple[str, str]:
     spec = step.spec
     for ref in spec.refs:
@@ -89,7 +101,7 @@ def _decide(step: Step, upstream: dict[str, Step]) -> tuple[str, str]:
     if status == "complete":
         return CACHED, f"complete, fingerprint {step.fingerprint}"
     if status in ("running", "interrupted", "failed") and spec.kind.resumable:
-        from tunestack.rundir import latest_complete_checkpoint
+        from tunestack.checkpoints import latest_complete_checkpoint
 
         checkpoint = latest_complete_checkpoint(out)
         if checkpoint is not None:
@@ -134,6 +146,8 @@ def make_plan(recipe: Recipe, from_stage: str | None = None, only: str | None = 
             step.action, step.reason = RUN, f"--from {from_stage}"
         else:
             step.action, step.reason = _decide(step, steps)
+        if step.action in (RUN, RESUME):
+            problems += folder_problems(spec)
         steps[spec.name] = step
     if problems:
         raise ConfigError(problems)

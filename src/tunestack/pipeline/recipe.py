@@ -43,6 +43,7 @@ class StageSpec:
     output_dir: Path
     nproc_per_node: int = 1
     refs: list[str] = field(default_factory=list)  # stages whose outputs this one reads, in order
+    allow_outside_root: bool = False  # its output_dir may be absolute or leave the output root
 
     @property
     def makes_policy(self) -> bool:
@@ -136,7 +137,10 @@ def _read_stage(i: int, raw: Any, defaults: dict[str, Any], problems: list[str])
         if canonical not in options and accepts(kind, canonical) and key not in PIPELINE_KEYS:
             options[canonical] = value
     nproc = _nproc(raw.get("nproc_per_node", defaults.get("nproc_per_node", 1)), where, problems)
-    return StageSpec(name, kind, options, Path(), nproc)
+    outside = raw.get("allow_outside_root", False)
+    if not isinstance(outside, bool):
+        problems.append(f"{where}: allow_outside_root must be true or false, got {outside!r}")
+    return StageSpec(name, kind, options, Path(), nproc, allow_outside_root=outside is True)
 
 
 def _check_references(stages: list[StageSpec], problems: list[str]) -> None:
@@ -232,6 +236,22 @@ def _wire_models(stages: list[StageSpec], start_model: Any, problems: list[str])
             policy = stage.name
 
 
+def _output_dir(stage: StageSpec, root: Path, problems: list[str]) -> Path:
+    """OUTPUT_ROOT/<name>, or the stage's own output_dir under the output root (anywhere with allow_outside_root)."""
+    given = stage.options.pop("output_dir", None)
+    if given is None:
+        return root / stage.name
+    path = Path(str(given)).expanduser()
+    if stage.allow_outside_root:
+        return path if path.is_absolute() else root / path
+    if path.is_absolute() or ".." in path.parts:
+        problems.append(
+            f"stage '{stage.name}': output_dir {given} leaves the output root {root}: give a path inside it, or set "
+            "allow_outside_root: true on the stage (tunestack replaces what is in a stage's output folder)"
+        )
+    return root / path
+
+
 def load_recipe(path: str | Path, output_root: str | None = None) -> Recipe:
     """Parse and check a recipe; raises ConfigError listing every problem."""
     path = Path(path)
@@ -268,7 +288,7 @@ def load_recipe(path: str | Path, output_root: str | None = None) -> Recipe:
     root = Path(output_root or data.get("output_root") or Path("out") / path.stem)
     writers: dict[Path, str] = {}
     for stage in stages:
-        stage.output_dir = Path(stage.options.pop("output_dir", None) or root / stage.name)
+        stage.output_dir = _output_dir(stage, root, problems)
         other = writers.setdefault(stage.output_dir.resolve(), stage.name)
         if other != stage.name:
             problems.append(f"stage '{stage.name}': writes to the output_dir of stage '{other}' ({stage.output_dir})")

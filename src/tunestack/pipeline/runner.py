@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 from tunestack.atomic import write_json_atomic
+from tunestack.checkpoints import latest_complete_checkpoint
 from tunestack.pipeline.plan import CACHED, RESUME, RUN, SKIP, Step, describe_plan
 from tunestack.pipeline.recipe import Recipe
-from tunestack.rundir import PIPELINE_STATE, latest_complete_checkpoint, read_json, read_jsonl
+from tunestack.rundir import PIPELINE_STATE, read_json, read_jsonl
 
 
 def _now() -> str:
@@ -136,12 +137,18 @@ def run_steps(recipe: Recipe, steps: list[Step], report: bool = True) -> int:
         code = _launch(step.command())
         took = time.time() - t0
         run = read_json(spec.output_dir / "run.json") or {}
-        if code == 0 and run.get("status") == "complete":
+        stopped = code in (130, 143, -signal.SIGTERM, -signal.SIGINT)
+        if run.get("status") == "complete" and (code == 0 or stopped):
+            # A signal after the stage saved its result (during its final evaluation) leaves it complete.
             _finish_stage(step, "complete", took, code)
             rows[spec.name] = {"status": "complete", "seconds": round(took, 1)}
             _say(f"   {spec.name} done in {took:.0f}s -> {spec.output_dir}")
-            continue
-        state = "interrupted" if code in (130, 143, -signal.SIGTERM, -signal.SIGINT) else "failed"
+            if not stopped:
+                continue
+            status, code = "interrupted", 143
+            _say(f"stopped after '{spec.name}' completed: run `tunestack run {recipe.path}` again to go on")
+            break
+        state = "interrupted" if stopped else "failed"
         _finish_stage(step, state, took, code)
         rows[spec.name] = {"status": state, "seconds": round(took, 1), "exit_code": code}
         status = state

@@ -11,13 +11,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, verify_saved_model
 from tunestack.data.prompts import PromptEncoder
 from tunestack.data.templates import get_template, stop_token_ids
 from tunestack.model.value_head import VALUE_HEAD_FILE
 from tunestack.rl.ppo import PPOLoop, PPOSettings
 from tunestack.rl.rewards import build_reward_functions, total_reward
-from tunestack.rundir import STAGING_DIR, append_metrics, commit_checkpoint, verify_saved_model
-from tunestack.train.callbacks import GracefulStop
+from tunestack.rundir import append_metrics, promote_final
+from tunestack.train.callbacks import GracefulStop, StopRequested
 from tunestack.train.chat_files import save_chat_files
 from tunestack.train.plots import plot_curves
 
@@ -63,10 +64,11 @@ def ppo_settings(args: Any, n_prompts: int) -> PPOSettings:
 class PPORun:
     """One `tunestack rl --algo ppo` run in OUTPUT_DIR."""
 
-    def __init__(self, ctx: Any, model: Any, data: Any):
+    def __init__(self, ctx: Any, model: Any, data: Any, record: dict[str, Any] | None = None):
         args = ctx.args
         self.ctx = ctx
         self.data = data
+        self.record = record  # written into every checkpoint's marker (see train/resume.py)
         self.out_dir = Path(args.train.output_dir)
         self.template = get_template(args.data.template_name, ctx.tokenizer)
         functions = build_reward_functions(args.data.reward_model, args.data.reward_funcs)
@@ -119,23 +121,30 @@ class PPORun:
             if settings.save_steps and loop.step % settings.save_steps == 0:
                 self._checkpoint()
             if stop.should_stop():
-                stop.requested = True
+                stop.stopped_training = True
                 self._checkpoint()
                 bar.close()
-                return {"global_step": loop.step, "metrics": metrics}
+                return {"global_step": loop.step, "metrics": metrics, "interrupted": True}
         bar.close()
         metrics["train_steps"] = loop.step
         self._save_final()
-        if data.eval:
-            after = loop.evaluate(data.eval)
-            metrics.update({f"eval_{k}": v for k, v in after.items()})
-            self._log(loop.step, {f"eval_{k}": v for k, v in after.items()}, writer)
+        stop.immediate = True  # the policy is saved: a signal now stops the evaluation that follows
+        try:
+            if stop.requested:
+                raise StopRequested(stop.signal_name)
+            if data.eval:
+                after = loop.evaluate(data.eval)
+                metrics.update({f"eval_{k}": v for k, v in after.items()})
+                self._log(loop.step, {f"eval_{k}": v for k, v in after.items()}, writer)
+        except StopRequested:
+            logger.warning("the final evaluation was stopped by %s; the trained policy is saved", stop.signal_name)
+            metrics["evaluation_stopped"] = stop.signal_name
         if acc.is_main_process:
             plot_curves(self.out_dir, "loss.png", ("policy_loss", "value_loss"), "rl losses")
             plot_curves(self.out_dir, "reward.png", ("reward_mean", "eval_reward"), "reward")
         if writer is not None:
             writer.close()
-        return {"global_step": loop.step, "metrics": metrics, "settings": asdict(settings)}
+        return {"global_step": loop.step, "metrics": metrics, "settings": asdict(settings), "interrupted": False}
 
     def _tensorboard(self) -> Any:
         report = self.ctx.args.train.report_to or []
@@ -183,12 +192,16 @@ class PPORun:
             self._save_policy(staging)
             self.loop.save_state(staging)
             verify_saved_model(staging, trained=step > 0)
-            commit_checkpoint(staging, self.out_dir / f"checkpoint-{step}", step)
+            commit_checkpoint(staging, self.out_dir / f"checkpoint-{step}", step, self.record)
         self.acc.wait_for_everyone()
 
     def _save_final(self) -> None:
+        """Staged and checked like a checkpoint before its files move into OUTPUT_DIR."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            self._save_policy(self.out_dir)
-            verify_saved_model(self.out_dir, trained=self.loop.step > 0)
+            staging = self.out_dir / STAGING_DIR / "final"
+            staging.mkdir(parents=True, exist_ok=True)
+            self._save_policy(staging)
+            verify_saved_model(staging, trained=self.loop.step > 0)
+            promote_final(staging, self.out_dir)
         self.acc.wait_for_everyone()

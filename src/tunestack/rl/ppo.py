@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunestack.rl.policy import PolicyWithValue
 from tunestack.rl.ppo_core import (
     KLController,
     entropy_from_logits,
@@ -61,38 +62,6 @@ class PPOSettings:
     logging_steps: int = 1
     sample_every: int = 5
     seed: int = 42
-
-
-class ValueHead(nn.Module):
-    """A scalar value per position from the policy's last hidden state."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.summary = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.summary.weight, std=1 / (hidden_size + 1) ** 0.5 * 0.1)
-        nn.init.zeros_(self.summary.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
-
-
-class PolicyWithValue(nn.Module):
-    """Policy LM and value head sharing the trunk; one forward gives logits and values."""
-
-    def __init__(self, policy: nn.Module, hidden_size: int):
-        super().__init__()
-        self.policy = policy
-        self.value_head = ValueHead(hidden_size)
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        out = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        return out.logits, self.value_head(out.hidden_states[-1])
 
 
 @dataclass
@@ -244,8 +213,22 @@ class PPOLoop:
 
     # ---------------------------------------------------------------------------------- update
 
+    def _finite(self, what: str, value: torch.Tensor) -> None:
+        """Stop before any weight changes when a quantity of the step is NaN or infinite (on any rank)."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=value.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "max")
+        if bad.item():
+            from tunestack.errors import TrainingDiverged
+
+            raise TrainingDiverged(
+                f"the PPO {what} became non-finite at step {self.step + 1}; training stopped before the optimizer "
+                "step, so no weights changed. Check the reward function, or lower --learning_rate / --init_kl_coef"
+            )
+
     def train_step(self, prompts: list[Any]) -> dict[str, float]:
         r = self.rollout(prompts)
+        self._finite("reward", r.scores)
         old_logp, old_values, ref_logp, entropy = self._score_old(r)
         mask = r.mask
         rewards, kl = kl_penalized_rewards(r.scores, old_logp, ref_logp, mask, self.kl.value)
@@ -253,6 +236,7 @@ class PPOLoop:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old_values, mask, self.s.gamma, self.s.lam)
         advantages = masked_whiten(advantages, mask)
+        self._finite("advantage", advantages)
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "approx_kl")}
         n = r.input_ids.shape[0]
         self.model.train()
@@ -271,9 +255,12 @@ class PPOLoop:
                     self.s.clip_range,
                     self.s.clip_range_value,
                 )
-                self.accelerator.backward(pg + self.s.vf_coef * vf)
+                loss = pg + self.s.vf_coef * vf
+                self._finite("loss", loss.detach())
+                self.accelerator.backward(loss)
                 if self.s.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
+                    norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
+                    self._finite("gradient norm", torch.as_tensor(norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad()
                 for key in stats:
@@ -343,7 +330,10 @@ class PPOLoop:
 
         save_file(self.trainable_state(), str(folder / "trainable.safetensors"))
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}, folder / "rng_state.pt")
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        if torch.cuda.is_available():  # sampling on a GPU draws from its generator
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, folder / "rng_state.pt")
         (folder / "rl_state.json").write_text(
             json.dumps(
                 {
@@ -358,19 +348,23 @@ class PPOLoop:
     def load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
+        from tunestack.errors import ConfigError
+
         state = load_file(str(folder / "trainable.safetensors"))
         params = dict(self.unwrapped.named_parameters())
-        missing = [k for k in state if k not in params]
-        if missing:
-            from tunestack.errors import ConfigError
-
-            raise ConfigError(f"{folder}: checkpoint does not fit this model/adapter (e.g. {missing[0]})")
+        unexpected = [k for k in state if k not in params]
+        absent = [k for k, p in params.items() if p.requires_grad and k not in state]
+        if unexpected or absent:
+            detail = f"e.g. {unexpected[0]} is not in this model" if unexpected else f"it has no {absent[0]}"
+            raise ConfigError(f"{folder}: the checkpoint does not fit this model/adapter ({detail})")
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         rng = torch.load(folder / "rng_state.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         meta = json.loads((folder / "rl_state.json").read_text())
         random.setstate((meta["python_rng_version"], tuple(rng["python"]), meta["python_rng_gauss"]))
         self.step = meta["step"]

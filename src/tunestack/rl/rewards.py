@@ -5,7 +5,9 @@ Every reward function has TRL's signature: f(prompts: list[str], completions: li
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +26,13 @@ def import_reward_function(spec: str) -> RewardFn:
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).resolve()
-            spec_obj = importlib.util.spec_from_file_location(path.stem, path)
+            # A name of its own, so that a rewards file called json.py or random.py shadows no module.
+            unique = f"tunestack_reward_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}_{path.stem}"
+            spec_obj = importlib.util.spec_from_file_location(unique, path)
             if spec_obj is None or spec_obj.loader is None:
                 raise ImportError(module_name)
             module = importlib.util.module_from_spec(spec_obj)
-            sys.modules[path.stem] = module
+            sys.modules[unique] = module
             spec_obj.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)

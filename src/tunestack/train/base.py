@@ -20,6 +20,7 @@ from tunestack.config.model import ModelArguments
 from tunestack.config.parse import parse_into, print_help, to_jsonable
 from tunestack.config.train import TrainArguments
 from tunestack.config.tuning import TuningArguments
+from tunestack.data.records import write_rejects
 from tunestack.errors import ConfigError
 from tunestack.model.load import build_from_scratch, load_model, load_tokenizer
 from tunestack.model.ref import ModelRef, resolve_model
@@ -27,6 +28,7 @@ from tunestack.model.tuning import apply_tuning, describe_trainable
 from tunestack.rundir import OutputFolder, tunestack_home
 from tunestack.train.callbacks import GracefulStop
 from tunestack.train.fit import train_with_trainer
+from tunestack.train.resume import check_resume
 
 logger = logging.getLogger("tunestack")
 
@@ -141,7 +143,7 @@ class Stage:
         stop: GracefulStop,
     ) -> dict[str, Any]:
         """Train, save the final model into OUTPUT_DIR and evaluate; returns {global_step, metrics, ...}."""
-        return train_with_trainer(self, ctx, model, data, resume_from, stop)
+        return train_with_trainer(self, ctx, model, data, output, resume_from, stop)
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         """Write stage-specific files beside the weights (generation config, chat template ...)."""
@@ -198,39 +200,50 @@ class Stage:
         args = self.parse(argv)
         state = PartialState()
         output = OutputFolder(args.train.output_dir, self.name, is_main=state.is_main_process)
-        resume_from = output.plan(args.train.resume_from_checkpoint, args.train.overwrite_output_dir)
-        state.wait_for_everyone()
-
-        ctx = self._context(args)
-        with state.main_process_first():
-            data = self.prepare_data(ctx)
-        model = self.build_model(ctx, data)
+        train = args.train
+        resume_from = main_decides(state, lambda: output.plan(train.resume_from_checkpoint, train.overwrite_output_dir))
+        try:
+            ctx = self._context(args)
+            with state.main_process_first():
+                data = self.prepare_data(ctx)
+            manifest = self._manifest(ctx, data)
+            if resume_from is not None:
+                check_resume(resume_from, {"stage": self.name, **manifest})
+            model = self.build_model(ctx, data)
+        except BaseException:
+            output.release()
+            raise
+        output.begin(manifest)
+        if data.rejects and state.is_main_process:
+            write_rejects(data.rejects, output.path / "rejects.jsonl")
         stop = GracefulStop()
-        with output.running(self._manifest(ctx, data)):
-            if data.rejects and state.is_main_process:
-                from tunestack.data.records import write_rejects
-
-                write_rejects(data.rejects, output.path / "rejects.jsonl")
-            stop.install()
-            try:
-                result = self.fit(ctx, model, data, output, resume_from, stop)
-            finally:
-                stop.uninstall()
-        if stop.requested:
+        stop.install()
+        try:
+            result = self.fit(ctx, model, data, output, resume_from, stop)
+        except KeyboardInterrupt:
+            output.finish("interrupted", error="aborted by a second signal")
+            raise
+        except BaseException as exc:  # the folder is kept: metrics, logs and the error say what happened
+            output.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            stop.uninstall()
+        if result.get("interrupted"):
             output.finish("interrupted", step=result["global_step"], metrics=result["metrics"])
+            saved = "checkpoint saved in" if result["global_step"] else "nothing trained yet in"
             _say(
                 state,
-                f"stopped by {stop.signal_name} at step {result['global_step']}; checkpoint saved in "
-                f"{args.train.output_dir}. Resume with --resume_from_checkpoint true",
+                f"stopped by {stop.signal_name} at step {result['global_step']}; {saved} {train.output_dir}. "
+                "Resume with --resume_from_checkpoint true",
             )
             return EXIT_INTERRUPTED
         result["seconds"] = round(time.time() - started, 1)
         output.finish("complete", metrics=result["metrics"], summary=result)
         lines = [f"{self.name} finished in {result['seconds']:.0f}s: {result['global_step']} steps"]
         lines += self.summary_lines(ctx, data, result)
-        lines.append(f"output: {args.train.output_dir} (run.json, metrics.jsonl, loss.png, runs/ for TensorBoard)")
+        lines.append(f"output: {train.output_dir} (run.json, metrics.jsonl, loss.png, runs/ for TensorBoard)")
         _say(state, "\n".join(lines))
-        return 0
+        return EXIT_INTERRUPTED if stop.requested else 0
 
     # ----------------------------------------------------------------------------------- internals
 
@@ -271,6 +284,23 @@ class Stage:
             "data_stats": data.stats,
             **self.manifest_extras(ctx),
         }
+
+
+def main_decides(state: Any, decide: Any) -> Any:
+    """`decide()` on the main process only; its result, or its ConfigError, reaches every process."""
+    outcome: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = decide()
+        except ConfigError as exc:
+            outcome[1] = exc.problems
+    if state.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ConfigError(outcome[1])
+    return outcome[0]
 
 
 def planned_steps(train: TrainArguments, dataset: Any) -> int:

@@ -29,11 +29,19 @@ class MetricsFileCallback(TrainerCallback):
         append_metrics(self.output_dir, {**row, **logs})
 
 
+class StopRequested(Exception):
+    """Raised inside an evaluation (or, once training is over, anywhere) when SIGTERM/SIGINT arrived."""
+
+
 class GracefulStop(TrainerCallback):
-    """On SIGTERM/SIGINT: finish the current step, save a checkpoint, stop. A second signal aborts."""
+    """On SIGTERM/SIGINT: finish the current step, save a checkpoint, stop (`stopped_training`); during an
+    evaluation, stop it at once (every rank at the same batch). Once `immediate` is set (training is over and
+    the model saved) the signal stops what is running straight away. A second signal aborts."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.stopped_training = False
+        self.immediate = False
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
 
@@ -51,10 +59,13 @@ class GracefulStop(TrainerCallback):
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        if self.immediate:
+            logger.warning("%s received: stopping (the trained model is already saved)", self.signal_name)
+            raise StopRequested(self.signal_name)
         logger.warning("%s received: saving a checkpoint after this step, then stopping", self.signal_name)
 
     def should_stop(self) -> bool:
-        """Any rank that was signalled stops every rank, so all of them save the same step."""
+        """Any rank that was signalled stops every rank, so all of them stop at the same point."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -65,14 +76,19 @@ class GracefulStop(TrainerCallback):
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.requested = bool(flag.item())
+        return self.requested
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.should_stop():
-            self.requested = True
+            self.stopped_training = True
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.should_stop():
+            raise StopRequested(self.signal_name or "a signal on another rank")
 
 
 class AdaLoraBudget(TrainerCallback):

@@ -65,8 +65,9 @@ class RLStage(Stage):
         if ctx.args.data.algo != "ppo":
             return super().fit(ctx, model, data, output, resume_from, stop)
         from tunestack.rl.driver import PPORun
+        from tunestack.train.resume import resume_record
 
-        return PPORun(ctx, model, data).run(resume_from, stop)
+        return PPORun(ctx, model, data, resume_record(output.manifest)).run(resume_from, stop)
 
     # ------------------------------------------------------------------- GRPO / RLOO through TRL
 

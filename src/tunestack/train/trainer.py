@@ -15,9 +15,9 @@ import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
+from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, verify_saved_model
 from tunestack.errors import TrainingDiverged
 from tunestack.model.tuning import is_adalora, load_adalora_state, save_adalora_state
-from tunestack.rundir import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, verify_saved_model
 
 
 class TunestackTrainerMixin:
@@ -49,7 +49,7 @@ class TunestackTrainerMixin:
                 if best.exists() or self.state.best_global_step == step:
                     self.state.best_model_checkpoint = str(best)
                     self.state.save_to_json(str(staging / "trainer_state.json"))
-            commit_checkpoint(staging, run_dir / f"checkpoint-{step}", step)
+            commit_checkpoint(staging, run_dir / f"checkpoint-{step}", step, getattr(self, "run_record", None))
             rotate_checkpoints(
                 output_dir=str(run_dir),
                 save_total_limit=self.args.save_total_limit,

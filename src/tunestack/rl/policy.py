@@ -1,0 +1,38 @@
+"""The PPO policy: the causal LM and a scalar value head sharing its trunk."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position from the policy's last hidden state."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1 / (hidden_size + 1) ** 0.5 * 0.1)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class PolicyWithValue(nn.Module):
+    """Policy LM and value head sharing the trunk; one forward gives logits and values."""
+
+    def __init__(self, policy: nn.Module, hidden_size: int):
+        super().__init__()
+        self.policy = policy
+        self.value_head = ValueHead(hidden_size)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.logits, self.value_head(out.hidden_states[-1])
