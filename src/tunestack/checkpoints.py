@@ -8,16 +8,19 @@ the newest checkpoint whose marker is there and whose files are all there with t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunestack.atomic import commit_folder, write_json_atomic
-from tunestack.errors import TunestackError
+from tunestack.errors import DiskFull, TunestackError, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +124,19 @@ def _untrained(adapter_file: Path) -> bool:
     with safe_open(str(adapter_file), framework="pt") as fh:
         keys = [k for k in fh.keys() if "lora_B" in k]
         return bool(keys) and all(not fh.get_tensor(k).any() for k in keys)
+
+
+@contextlib.contextmanager
+def saving(staging: Path, what: str) -> Iterator[None]:
+    """A save into `staging`: when the disk fills up, what was written is removed (nothing half-written is ever
+    promoted) and the error is one line saying where."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DiskFull(
+            f"no space left on device while writing {what} in {staging.parent}: it was discarded, earlier "
+            "checkpoints are intact; free some space and resume with --resume_from_checkpoint true"
+        ) from None

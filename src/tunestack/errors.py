@@ -45,3 +45,19 @@ class TrainingDiverged(TunestackError):
     """The loss became NaN/inf; the last good checkpoint is left intact."""
 
     exit_code = 1
+
+
+class DiskFull(TunestackError):
+    """A save ran out of disk space; what was being written is discarded, earlier saves are intact."""
+
+    exit_code = 1
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, however the writing library reports it (OSError, or a message from safetensors' Rust writer)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text

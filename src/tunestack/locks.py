@@ -51,7 +51,7 @@ def _describe(text: str) -> str:
 
 class WriterLock:
     """The one writer of a folder: taken at once or refused with a ConfigError naming the holder; held until
-    `release` or the end of the process."""
+    `release` (which removes the lock file) or the end of the process."""
 
     def __init__(self, path: Path, what: Path):
         self.path = path
@@ -60,17 +60,24 @@ class WriterLock:
 
     def acquire(self) -> WriterLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the lock
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            who = _describe(fh.read())
-            fh.close()
-            raise ConfigError(
-                f"{self.what} is in use by {who}: another tunestack process is writing it; wait for it to end "
-                "or choose another output folder"
-            ) from None
+        while True:
+            fh = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the lock
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                who = _describe(fh.read())
+                fh.close()
+                raise ConfigError(
+                    f"{self.what} is in use by {who}: another tunestack process is writing it; wait for it to "
+                    "end or choose another output folder"
+                ) from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            fh.close()  # the file was released and removed while this process opened it: take the new one
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()} {socket.gethostname()}\n")
@@ -80,6 +87,7 @@ class WriterLock:
 
     def release(self) -> None:
         if self._fh is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None

@@ -287,6 +287,9 @@ class OutputFolder:
 
     def finish(self, status: str, **fields: Any) -> None:
         self.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **fields)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def abandon(self, reason: str) -> None:
         """A user error before any result: remove a folder this run created, else record the failure."""
@@ -294,6 +297,7 @@ class OutputFolder:
             return
         if self.created_here and not checkpoint_dirs(self.path):
             shutil.rmtree(self.path, ignore_errors=True)
+            self.release()
         else:
             self.finish("failed", error=reason)
 

@@ -148,22 +148,27 @@ def test_keeps_generation_config_tokenizer_and_remote_code(tiny_model: Path, tmp
     assert (out / "tokenizer.json").exists()
 
 
-def test_refuses_a_non_empty_output_dir_unless_overwrite(tiny_model: Path, tmp_path: Path) -> None:
+def test_replaces_only_its_own_output_and_only_when_told(tiny_model: Path, tmp_path: Path) -> None:
     adapter = make_adapter(tiny_model, tmp_path / "sft")
     out = tmp_path / "merged"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not empty") as err:
-        main(["--lora_model", str(adapter), "--output_dir", str(out)])
-    assert err.value.exit_code == 2
+    for extra in ([], ["--overwrite_output_dir"]):  # a folder of the user's is never replaced
+        with pytest.raises(ConfigError, match=r"holds files tunestack did not write \(precious.txt\)") as err:
+            main(["--lora_model", str(adapter), "--output_dir", str(out), *extra])
+        assert err.value.exit_code == 2
     assert (out / "precious.txt").read_text() == "keep me"
 
     with pytest.raises(ConfigError, match="would replace the input"):
         main(["--lora_model", str(adapter), "--output_dir", str(adapter), "--overwrite_output_dir"])
 
-    assert main(["--lora_model", str(adapter), "--output_dir", str(out), "--overwrite_output_dir"]) == 0
-    assert not (out / "precious.txt").exists() and (out / "run.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "sft"]
+    earlier = tmp_path / "earlier"
+    assert main(["--lora_model", str(adapter), "--output_dir", str(earlier)]) == 0
+    with pytest.raises(ConfigError, match="is not empty; pass --overwrite_output_dir to replace it"):
+        main(["--lora_model", str(adapter), "--output_dir", str(earlier)])
+    assert main(["--lora_model", str(adapter), "--output_dir", str(earlier), "--overwrite_output_dir"]) == 0
+    assert (earlier / "run.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "merged", "sft"]  # no lock or staging left
 
 
 def test_a_merge_that_dies_mid_write_leaves_no_folder(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:

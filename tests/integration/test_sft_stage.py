@@ -172,7 +172,7 @@ def test_sft_from_a_pt_output_stacks_the_adapter(cli, tiny_model, chat_dir, pt_c
         "none",
     )
     assert code == 0, err
-    out = tmp_path / "sft"
+    out = tmp_path / "sft_out"
     code, _, err = _sft(cli, pt, chat_dir, out)
     assert code == 0, err
     manifest = json.loads((out / "run.json").read_text())

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from tunestack.config.parse import hub_dataset_problem
 
+DEFAULT_MAX_LENGTH = 512
+
 
 @dataclass
 class SupervisedDataArguments:
@@ -30,7 +32,10 @@ class SupervisedDataArguments:
     system_prompt: str | None = field(
         default=None, metadata={"help": "System prompt for conversations that have none."}
     )
-    model_max_length: int = field(default=512, metadata={"help": "Tokens per sample; older turns are cut first."})
+    model_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per sample (default 512, or the model's context when shorter); older turns are cut first."},
+    )
     max_source_length: int | None = field(default=None, metadata={"help": "Cap on the prompt tokens of a sample."})
     max_target_length: int | None = field(
         default=None, metadata={"help": "Drop samples whose answer is longer than this (never cut an answer)."}
@@ -54,12 +59,25 @@ class SupervisedDataArguments:
     ignore_pad_token_for_loss: bool = field(default=True, metadata={"help": "Accepted; padding never carries a loss."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub datasets are not fetched; use local files."})
 
+    def max_length(self, context: int | None) -> int:
+        """The tokens per sample for a model of `context` positions; ConfigError when more was asked."""
+        from tunestack.errors import ConfigError
+
+        if self.model_max_length is None:
+            return min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
+        if context and self.model_max_length > context:
+            raise ConfigError(
+                f"--model_max_length {self.model_max_length} is larger than the model's context of {context} "
+                "positions (max_position_embeddings); use at most that"
+            )
+        return self.model_max_length
+
     def problems(self) -> list[str]:
         out = []
         out += hub_dataset_problem(self.dataset_name)
         if not self.train_file_dir:
             out.append("--train_file_dir is required")
-        if self.model_max_length < 8:
+        if self.model_max_length is not None and self.model_max_length < 8:
             out.append(f"--model_max_length must be at least 8, got {self.model_max_length}")
         if self.max_new_tokens < 1:
             out.append(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +45,7 @@ class PretrainCorpus:
 def iter_documents(path: Path, text_field: str, keep_linebreaks: bool) -> Iterator[str]:
     """Documents of one file. .txt: one per line, or the whole file with keep_linebreaks."""
     if path.suffix.lower() in TEXT_SUFFIXES:
-        text = read_text(path)
+        text = read_text(path).replace("\r\n", "\n")  # a file saved on Windows trains the same text
         if keep_linebreaks:
             if text.strip():
                 yield text
@@ -132,12 +132,20 @@ def _document_batches(files: list[Path], text_field: str, keep_linebreaks: bool,
     from tqdm.auto import tqdm
 
     batch: list[str] = []
+    empty: list[str] = []
     for path in tqdm(files, desc="tokenizing", unit="file", disable=len(files) < 2):
+        found = False
         for doc in iter_documents(path, text_field, keep_linebreaks):
+            found = True
             batch.append(doc)
             if len(batch) >= size:
                 yield batch
                 batch = []
+        if not found:
+            empty.append(str(path))
+    if empty:
+        shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        logger.warning("skipped %d file%s without text: %s", len(empty), "s" if len(empty) > 1 else "", shown)
     if batch:
         yield batch
 
@@ -207,26 +215,25 @@ def resolve_block_size(requested: int | None, model_context: int | None) -> int:
     return requested
 
 
-_STARTED = time.time()
 _STATS_FILE = "tunestack_stats.json"
 
 
 def cached_dataset(cache_dir: Path, build: Any, overwrite: bool) -> tuple[Any, dict[str, Any], bool]:
     """Load a saved dataset and its stats, or build (-> dataset, stats) and save both, once across processes:
     under torchrun or several nodes, one process tokenizes while the others wait and then read its result.
-    With `overwrite` a cache made before this process started is built again.
+    With `overwrite` the cache is built again, by the first process only (the others read what it built).
 
     Returns (dataset, stats, was_cached).
     """
     import datasets
 
     made: dict[str, Any] = {}
+    rebuild = overwrite and int(os.environ.get("RANK", "0")) == 0
 
     def complete(folder: Path) -> bool:
-        stats = folder / _STATS_FILE
-        return stats.is_file() and (folder / "state.json").is_file() and (
-            not overwrite or stats.stat().st_mtime >= _STARTED
-        )
+        if rebuild and "stats" not in made and folder == cache_dir:
+            return False
+        return (folder / _STATS_FILE).is_file() and (folder / "state.json").is_file()
 
     def save(staging: Path) -> None:
         dataset, made["stats"] = build()

@@ -75,6 +75,7 @@ def find_data_files(
                     )
                 found.append(path)
                 continue
+            _refuse_output_folders(path, what)
             files = sorted(
                 p
                 for p in path.rglob("*")
@@ -90,6 +91,20 @@ def find_data_files(
     return found
 
 
+def _refuse_output_folders(folder: Path, what: str) -> None:
+    """A tunestack output folder is not data (its config, tokenizer and run files would be read as records)."""
+    for manifest in [folder / "run.json", *folder.rglob("*/run.json")]:
+        try:
+            stage = json.loads(manifest.read_text(encoding="utf-8")).get("stage") if manifest.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            stage = None
+        if stage:
+            raise DataError(
+                f"{manifest.parent} is a tunestack output folder (a {stage} run), not {what}: point the option at "
+                "the data files or the folder that holds them"
+            )
+
+
 def read_text(path: Path) -> str:
     """Decode a file as UTF-8 (a BOM is dropped); undecodable bytes name the byte offset and line."""
     raw = path.read_bytes()
@@ -101,6 +116,24 @@ def read_text(path: Path) -> str:
             f"{path}:{line}: not valid UTF-8 at byte offset {exc.start} "
             f"(byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8"
         ) from None
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where `value` holds a string with half of a UTF-16 surrogate pair (a JSON escape like \\ud83d alone):
+    no tokenizer can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = value[exc.start]
+            return f"field '{where or 'text'}' holds a lone surrogate escape \\u{ord(bad):04x}, which is not text"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def _json_lines(path: Path, text: str) -> Iterator[Record | BadLine]:
@@ -116,6 +149,10 @@ def _json_lines(path: Path, text: str) -> Iterator[Record | BadLine]:
             continue
         if not isinstance(obj, dict):
             yield BadLine(str(path), lineno, line, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        surrogate = _lone_surrogate(obj) if "\\ud" in line.lower() else None
+        if surrogate:
+            yield BadLine(str(path), lineno, line, surrogate)
             continue
         yield Record(obj, str(path), lineno)
 
@@ -139,6 +176,9 @@ def _json_array_records(path: Path, text: str) -> Iterator[Record]:
             raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        surrogate = _lone_surrogate(obj)
+        if surrogate:
+            raise DataError(f"{path}:{lineno}: {surrogate}")
         yield Record(obj, str(path), lineno)
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, verify_saved_model
+from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, saving, verify_saved_model
 from tunestack.data.prompts import PromptEncoder
 from tunestack.data.templates import get_template, stop_token_ids
 from tunestack.model.value_head import VALUE_HEAD_FILE
@@ -189,10 +189,11 @@ class PPORun:
             step = self.loop.step
             staging = self.out_dir / STAGING_DIR / f"checkpoint-{step}"
             staging.mkdir(parents=True, exist_ok=True)
-            self._save_policy(staging)
-            self.loop.save_state(staging)
-            verify_saved_model(staging, trained=step > 0)
-            commit_checkpoint(staging, self.out_dir / f"checkpoint-{step}", step, self.record)
+            with saving(staging, f"checkpoint-{step}"):
+                self._save_policy(staging)
+                self.loop.save_state(staging)
+                verify_saved_model(staging, trained=step > 0)
+                commit_checkpoint(staging, self.out_dir / f"checkpoint-{step}", step, self.record)
         self.acc.wait_for_everyone()
 
     def _save_final(self) -> None:
@@ -201,7 +202,8 @@ class PPORun:
         if self.acc.is_main_process:
             staging = self.out_dir / STAGING_DIR / "final"
             staging.mkdir(parents=True, exist_ok=True)
-            self._save_policy(staging)
-            verify_saved_model(staging, trained=self.loop.step > 0)
-            promote_final(staging, self.out_dir)
+            with saving(staging, "the final policy"):
+                self._save_policy(staging)
+                verify_saved_model(staging, trained=self.loop.step > 0)
+                promote_final(staging, self.out_dir)
         self.acc.wait_for_everyone()

@@ -21,7 +21,7 @@ from tunestack.config.parse import parse_into, print_help, to_jsonable
 from tunestack.config.train import TrainArguments
 from tunestack.config.tuning import TuningArguments
 from tunestack.data.records import write_rejects
-from tunestack.errors import ConfigError
+from tunestack.errors import ConfigError, DataError, ModelError
 from tunestack.model.load import build_from_scratch, load_model, load_tokenizer
 from tunestack.model.ref import ModelRef, resolve_model
 from tunestack.model.tuning import apply_tuning, describe_trainable
@@ -222,6 +222,9 @@ class Stage:
             result = self.fit(ctx, model, data, output, resume_from, stop)
         except KeyboardInterrupt:
             output.finish("interrupted", error="aborted by a second signal")
+            raise
+        except (ConfigError, DataError, ModelError) as exc:  # bad input found late (e.g. while streaming)
+            output.abandon(str(exc))
             raise
         except BaseException as exc:  # the folder is kept: metrics, logs and the error say what happened
             output.finish("failed", error=f"{type(exc).__name__}: {exc}")

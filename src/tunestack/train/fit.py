@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tunestack.checkpoints import STAGING_DIR, verify_saved_model
+from tunestack.checkpoints import STAGING_DIR, saving, verify_saved_model
 from tunestack.model.tuning import is_adalora
 from tunestack.rundir import OutputFolder, promote_final
 from tunestack.train.callbacks import AdaLoraBudget, GracefulStop, MetricsFileCallback, StopRequested
@@ -88,13 +88,14 @@ def _save_final(stage: Any, ctx: Any, trainer: Any, out_dir: Path) -> None:
     config = getattr(trainer.accelerator.unwrap_model(trainer.model), "config", None)
     if config is not None:
         config.use_cache = True  # off for training; saved models should generate with a cache
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        ctx.tokenizer.save_pretrained(staging)
-        stage.save_extras(ctx, staging)
-        drop_pickled_arguments(staging)
-        verify_saved_model(staging, trained=trainer.state.global_step > 0)
-        promote_final(staging, out_dir)
+    with saving(staging, "the final model"):
+        trainer.save_model(str(staging))
+        if trainer.is_world_process_zero():
+            ctx.tokenizer.save_pretrained(staging)
+            stage.save_extras(ctx, staging)
+            drop_pickled_arguments(staging)
+            verify_saved_model(staging, trained=trainer.state.global_step > 0)
+            promote_final(staging, out_dir)
     trainer.accelerator.wait_for_everyone()
 
 

@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from tunestack.config.sft import SupervisedDataArguments
+from tunestack.config.sft import DEFAULT_MAX_LENGTH, SupervisedDataArguments
 from tunestack.data.collators import PackedCollator
 from tunestack.data.formats import CONVERSATIONS
 from tunestack.data.records import load_splits
@@ -27,10 +27,10 @@ class SupervisedStage(Stage):
 
     def validate(self, args: StageArgs) -> list[str]:
         d, problems = args.data, []
-        budget = args.train.max_tokens_per_batch
-        if budget is not None and budget < d.model_max_length:
+        budget, length = args.train.max_tokens_per_batch, d.model_max_length or DEFAULT_MAX_LENGTH
+        if budget is not None and budget < length:
             problems.append(
-                f"--max_tokens_per_batch {budget} is less than --model_max_length {d.model_max_length}: "
+                f"--max_tokens_per_batch {budget} is less than --model_max_length {length}: "
                 "every sample must fit in a batch"
             )
         if d.predict_with_generate and not (
@@ -47,12 +47,13 @@ class SupervisedStage(Stage):
 
     def prepare_data(self, ctx: StageContext) -> PreparedData:
         d = ctx.args.data
+        max_length = d.max_length(getattr(ctx.model_config.get_text_config(), "max_position_embeddings", None))
         template = self._template(ctx)
         splits = load_splits(d, CONVERSATIONS, ctx.args.train.do_eval, ctx.args.train.seed)
         build = dict(
             tokenizer=ctx.tokenizer,
             template=template,
-            max_length=d.model_max_length,
+            max_length=max_length,
             train_on_inputs=d.train_on_inputs,
             max_source_length=d.max_source_length,
             max_target_length=d.max_target_length,

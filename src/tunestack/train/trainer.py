@@ -15,7 +15,7 @@ import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
-from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, verify_saved_model
+from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, saving, verify_saved_model
 from tunestack.errors import TrainingDiverged
 from tunestack.model.tuning import is_adalora, load_adalora_state, save_adalora_state
 
@@ -35,11 +35,17 @@ class TunestackTrainerMixin:
         # The parent writes model, optimizer, scheduler, RNG and trainer state under staging_root.
         self._get_output_dir = lambda trial=None: str(staging_root)
         try:
-            super()._save_checkpoint(model, trial)
+            with saving(staging, f"checkpoint-{step}"):
+                super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            self._commit_checkpoint(run_dir, staging, step)
+        self.accelerator.wait_for_everyone()
+
+    def _commit_checkpoint(self, run_dir: Path, staging: Path, step: int) -> None:
+        with saving(staging, f"checkpoint-{step}"):
             drop_pickled_arguments(staging)
             if is_adalora(self.model):
                 save_adalora_state(self.accelerator.unwrap_model(self.model), staging)
@@ -50,13 +56,12 @@ class TunestackTrainerMixin:
                     self.state.best_model_checkpoint = str(best)
                     self.state.save_to_json(str(staging / "trainer_state.json"))
             commit_checkpoint(staging, run_dir / f"checkpoint-{step}", step, getattr(self, "run_record", None))
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=False,
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         target = model if model is not None else self.model
