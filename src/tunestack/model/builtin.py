@@ -54,6 +54,17 @@ def is_complete_model_folder(folder: Path) -> bool:
     )
 
 
+def gguf_path(spec: BuiltinModel) -> Path:
+    """The GGUF file a built-in model's package ships; ModelError saying how to install it when missing."""
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"the built-in model needs the package {spec.package.replace('_', '-')}; install it with: {spec.install}")
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.exists():
+        raise ModelError(f"{path} is missing; reinstall with: {spec.install}")
+    return path
+
+
 def builtin_model_dir(alias: str) -> Path:
     """Convert a built-in GGUF model once into a cached safetensors folder and return it. Under torchrun (or
     several nodes sharing the cache) one process converts while the others wait, and then all read it."""
@@ -61,15 +72,7 @@ def builtin_model_dir(alias: str) -> Path:
     target = tunestack_home() / "models" / alias
     if is_complete_model_folder(target):
         return target
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelError(
-            f"the built-in model '{alias}' needs the package {spec.package.replace('_', '-')}; "
-            f"install it with: {spec.install}"
-        )
-    package_dir = Path(list(found.submodule_search_locations)[0])
-    if not (package_dir / spec.gguf_file).exists():
-        raise ModelError(f"{package_dir / spec.gguf_file} is missing; reinstall with: {spec.install}")
+    package_dir = gguf_path(spec).parent
 
     def convert(staging: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer

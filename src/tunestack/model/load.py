@@ -71,7 +71,7 @@ def load_tokenizer(
         assert ref is not None, "a tokenizer needs a model reference or a tokenizer path"
         source = ref.tokenizer_dir
         gguf = ref.gguf_file if source == ref.base_dir else None
-    if source.is_dir() and gguf is None and not any(source.glob(pattern) for pattern in _TOKENIZER_FILES):
+    if source.is_dir() and gguf is None and not any(any(source.glob(pattern)) for pattern in _TOKENIZER_FILES):
         raise ModelError(
             f"{source} has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file): copy the "
             "model's tokenizer files there, or pass --tokenizer_name_or_path"

@@ -46,7 +46,7 @@ class ModelRef:
 
 def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").exists() and any(
-        folder.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json")
+        any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json")
     )
 
 
