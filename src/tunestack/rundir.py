@@ -285,6 +285,13 @@ class OutputFolder:
         self.manifest.update(fields)
         self.write()
 
+    def fail(self, exc: BaseException) -> None:
+        """The run stopped on an error: its folder is kept, the error in run.json and as the last metrics row."""
+        error = f"{type(exc).__name__}: {exc}"
+        if self.is_main and self.path.is_dir():
+            append_metrics(self.path, {"error": error})
+        self.finish("failed", error=error)
+
     def finish(self, status: str, **fields: Any) -> None:
         self.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **fields)
         if self.lock is not None:
@@ -315,5 +322,5 @@ class OutputFolder:
             self.finish("interrupted", error="stopped by a signal")
             raise
         except BaseException as exc:
-            self.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            self.fail(exc)
             raise

@@ -227,7 +227,7 @@ def test_infer_reads_text_files_and_names_bad_records(tmp_path: Path) -> None:
 def test_base_plus_lora_answers_like_the_merged_model(
     tiny_models: dict[str, Path], tmp_path: Path, family: str, lora: dict
 ) -> None:
-    from test_merge import make_adapter
+    from adapter_fixtures import make_adapter
 
     from tunestack.model.merge import main as merge_main
 

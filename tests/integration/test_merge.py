@@ -9,38 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from adapter_fixtures import make_adapter  # tests/fixtures
 
 from tunestack.errors import ConfigError
 from tunestack.model import adapters as adapters_module
 from tunestack.model.merge import REL_TOLERANCE, MergeCheckError, main
 
 PROMPT_IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 61, 12, 8]])
-
-
-def make_adapter(base: Path, out: Path, *, task_type: str = "CAUSAL_LM", seed: int = 0, **lora: Any) -> Path:
-    """A non-trivial LoRA adapter of `base` saved like a tunestack stage output (run.json + tokenizer)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(seed)
-    if task_type == "SEQ_CLS":
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base)
-    lora.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    peft_model = get_peft_model(model, LoraConfig(task_type=task_type, r=4, lora_alpha=8, **lora))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding" in name:
-                param.copy_(torch.randn_like(param) * 0.2)
-            elif "modules_to_save" in name:
-                param.add_(torch.randn_like(param) * 0.5)
-    peft_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    stage = "rm" if task_type == "SEQ_CLS" else "sft"
-    manifest = {"stage": stage, "base_model": str(base), "tuning_method": "lora", "status": "complete"}
-    (out / "run.json").write_text(json.dumps(manifest))
-    return out
 
 
 def live_model(base: Path, adapter: Path, seq_cls: bool = False) -> Any:

@@ -227,7 +227,7 @@ class Stage:
             output.abandon(str(exc))
             raise
         except BaseException as exc:  # the folder is kept: metrics, logs and the error say what happened
-            output.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            output.fail(exc)
             raise
         finally:
             stop.uninstall()
