@@ -18,6 +18,7 @@ import torch
 from tunestack.errors import DataError
 from tunestack.infer import batch, chat
 from tunestack.infer.chat import ChatSession
+from tunestack.infer.decoding import SAMPLING_KEYS as SAMPLING
 from tunestack.infer.generate import ChatModel, GenerationArguments, ModelSelection
 
 GREEDY = GenerationArguments(temperature=0, max_new_tokens=8)
@@ -262,18 +263,17 @@ def test_flag_problems_are_reported_together() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_knows_the_capital_of_france(smollm2: Path, capsys) -> None:
-    from tunestack.cli import COMMANDS
-
-    argv = ["--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?", "--temperature", "0"]
-    if "chat" in COMMANDS:
-        env = {**os.environ, "PYTHONPATH": SRC}
-        proc = subprocess.run(
-            [sys.executable, "-m", "tunestack", "chat", *argv], capture_output=True, text=True, env=env, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr
-        out = proc.stdout
-    else:
-        assert chat.main(argv) == 0
-        out = capsys.readouterr().out
-    assert "Paris" in out
+def test_smollm2_knows_the_capital_of_france_at_its_default_sampling(smollm2: Path) -> None:
+    """No sampling flag: the converted folder's generation_config.json (the model card's values) decides."""
+    assert {k: v for k, v in json.loads((smollm2 / "generation_config.json").read_text()).items() if k in SAMPLING} == {
+        "do_sample": True,
+        "temperature": 0.2,
+        "top_p": 0.9,
+    }
+    argv = ["--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?", "--seed", "0"]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunestack", "chat", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
