@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("tunestack.model.merge:main", "merge an adapter into its base: a standalone model folder"),
     "chat": ("tunestack.infer.chat:main", "chat with a model or stage output (interactive, or one --prompt)"),
     "infer": ("tunestack.infer.batch:main", "batch generation from a jsonl/json/txt file of prompts"),
+    "serve": ("tunestack.serve.command:main", "OpenAI-compatible API and web chat page (127.0.0.1; key for others)"),
     "data": ("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),
     "eval": ("tunestack.eval:main", "evaluate models: perplexity, BLEU/ROUGE vs references, RM score, probe answers"),
     "run": (
