@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import selection, start_server
+from live_server import selection, start_server
 
 from tunestack.serve.generation import Limits
 
@@ -26,8 +26,9 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Who are you?"
 @pytest.fixture(scope="module")
 def one_slot(tiny_models):
     """Room for one request in flight, a 3 s request timeout."""
-    live = start_server([("tiny", selection(tiny_models["glm4"]))], max_concurrency=1, max_queue=0,
-                        limits=Limits(request_timeout=3))
+    live = start_server(
+        [("tiny", selection(tiny_models["glm4"]))], max_concurrency=1, max_queue=0, limits=Limits(request_timeout=3)
+    )
     yield live
     live.stop()
 
@@ -74,8 +75,12 @@ def test_a_request_past_its_timeout_is_504_and_frees_its_slot(one_slot) -> None:
         response = httpx.post(f"{one_slot.url}/v1/chat/completions", json={**BODY, "stream": False}, timeout=30)
         assert 3 <= time.perf_counter() - started < 6
     assert response.status_code == 504
-    assert response.json()["error"] == {"message": "no answer within 3s (--request_timeout)", "type": "timeout_error",
-                                        "param": None, "code": "timeout"}
+    assert response.json()["error"] == {
+        "message": "no answer within 3s (--request_timeout)",
+        "type": "timeout_error",
+        "param": None,
+        "code": "timeout",
+    }
     assert in_flight(one_slot) == 0 and engine.jobs == {}
 
 
@@ -97,8 +102,9 @@ def test_keys_are_required_when_set(tiny_models) -> None:
 def serve_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     env.pop("TUNESTACK_API_KEY", None) if "TUNESTACK_API_KEY" not in (env or {}) else None
-    return subprocess.run([sys.executable, "-m", "tunestack", "serve", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tunestack", "serve", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_another_host_without_a_key_refuses_to_start() -> None:
