@@ -155,9 +155,13 @@ def run(serve: ServeArguments, selection: ModelSelection, options: GenerationArg
     from tunestack.serve.models import RewardScorer, load_models, selections
 
     check_backend(serve.backend)
+    # transformers' continuous batching logs its cache sizing and choices at INFO; the server's own lines say enough.
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
     pairs = selections(selection, adapters, serve.served_model_name)
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        # One core stays free for the HTTP side: with every core in torch's pool, the event loop's work stalls
+        # the pool's barriers (measured on 2 cores: 16 streams 2.25x slower, bench/README.md).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     models = load_models(pairs, serve.engine, serve.max_concurrency, serve.kv_cache_tokens)
     try:
         reward = (
