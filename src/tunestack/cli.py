@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("tunestack.score:main", "score pairs or responses with a reward model"),
     "rl": ("tunestack.train.rl:main", "reinforcement learning: PPO, GRPO or RLOO against a reward model or functions"),
     "merge": ("tunestack.model.merge:main", "merge an adapter into its base: a standalone model folder"),
+    "export": ("tunestack.export.command:main", "GGUF (f16, q8_0, q4_0 ...) + Ollama Modelfile, or sharded safetensors"),
     "chat": ("tunestack.infer.chat:main", "chat with a model or stage output (interactive, or one --prompt)"),
     "infer": ("tunestack.infer.batch:main", "batch generation from a jsonl/json/txt file of prompts"),
     "data": ("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),
