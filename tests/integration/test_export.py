@@ -53,6 +53,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "llama3": tiny.build_model(root / "llama3", "llama", root / "tok", seed=2, **SIZES, **tiny.LLAMA3_ROPE),
         "spm": tiny.build_model(root / "spm", "llama", root / "spm_tok", seed=3, **SIZES),
         "glm4": tiny.build_model(root / "glm4", "glm4", root / "tok"),
+        # Mistral is written as llama.cpp's `llama`; Qwen3 with its q/k norms and a head_dim of its own (128, the
+        # one transformers' GGUF reader assumes: it does not read attention.key_length for qwen3).
+        "mistral": tiny.build_model(root / "tiny-mistral", "mistral", root / "tok", seed=4, **SIZES),
+        "qwen3": tiny.build_model(
+            root / "qwen3",
+            "qwen3",
+            root / "tok",
+            seed=5,
+            **{**SIZES, "head_dim": 128, "num_attention_heads": 2, "num_key_value_heads": 1},
+        ),
     }
 
 
@@ -127,6 +137,21 @@ def test_q8_0_keeps_the_top_token_and_leaves_short_rows_f16(models, tmp_path, cl
     src, back, tok = load_pair(models[family], out, f"{family}-q8_0.gguf")
     for text in PROMPTS:
         assert int(logits(src, tok, text)[-1].argmax()) == int(logits(back, tok, text)[-1].argmax()), text
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_f32_is_exact_and_bf16_is_the_rounded_model(models, tmp_path, cli, family) -> None:
+    stem = models[family].name
+    for quantization in ("f32", "bf16"):
+        assert export(cli, "--model", models[family], "--quantization", quantization, "--output_dir", tmp_path)[0] == 0
+    types = tensor_types(tmp_path / f"{stem}-bf16.gguf")
+    assert {t for n, t in types.items() if not n.endswith("norm.weight")} == {"BF16"}
+    src, back32, tok = load_pair(models[family], tmp_path, f"{stem}-f32.gguf")
+    _, back16, _ = load_pair(models[family], tmp_path, f"{stem}-bf16.gguf")
+    src16 = rounded(src, torch.bfloat16)
+    for text in PROMPTS:
+        assert torch.equal(logits(src, tok, text), logits(back32, tok, text)), text
+        assert close(logits(src16, tok, text), logits(back16, tok, text), EXACT_REL), text
 
 
 def test_q4_0_keeps_the_output_layer_at_q8_0(models, tmp_path, cli) -> None:
@@ -248,7 +273,8 @@ def test_a_stage_output_is_merged_first_and_keeps_its_system_prompt(models, tmp_
     code, stdout, err = export(cli, "--model", stage, "--quantization", "f16", "--output_dir", out)
     assert code == 0, err
     assert "after merging the adapter" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", "sft-f16.gguf"]  # no scratch left
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", "sft-f16.gguf"]
+    assert not list(tmp_path.glob(".export-merge-*"))  # the merged scratch folder is gone
     tok = AutoTokenizer.from_pretrained(stage)
     back = AutoModelForCausalLM.from_pretrained(out, gguf_file="sft-f16.gguf", dtype=torch.float32).eval()
     model = live(models["llama"], stage)
@@ -313,11 +339,15 @@ def test_the_modelfile_template_renders_like_our_template(models, tmp_path, cli)
 def test_every_named_template_has_an_exact_ollama_template(tmp_path) -> None:
     from types import SimpleNamespace
 
+    from tunestack.data.templates import NamedTemplate
     from tunestack.export.ollama import go_template, modelfile_text
 
     tok = SimpleNamespace(bos_token="<s>", eos_token="</s>")
+    # and a template whose own text looks like Go template syntax
+    braces = NamedTemplate(name="braces", system="{{sys}} {content}}\n", user="{{user}}: {content}\n{", stop="}}{eos}",
+                           assistant_header="{{ .Assistant }}: ", separator="\n")  # fmt: skip
     cases, expected = [], []
-    for name, template in {t.name: t for t in named_templates().values()}.items():
+    for name, template in {**{t.name: t for t in named_templates().values()}, "braces": braces}.items():
         path = tmp_path / f"{name}.Modelfile"
         path.write_text(modelfile_text("m.gguf", go_template(template, tok, False), template.default_system, []))
         for system in (SYSTEM, None):
@@ -377,8 +407,9 @@ def test_errors_are_one_line_exit_2(models, tmp_path, cli) -> None:
     code, _, err = export(cli, "--model", models["llama"], "--quantization", "q4_k_m", "--output_dir", out)
     assert code == 2
     assert err == (
-        "tunestack export: error: --quantization q4_k_m: Q4_K_M needs llama.cpp's quantizer; export --quantization "
-        f"f16 (or q8_0) and run: llama-quantize {out}/llama-f16.gguf {out}/llama-q4_k_m.gguf Q4_K_M\n"
+        "tunestack export: error: --quantization q4_k_m: tunestack writes f32, f16, bf16, q8_0, q4_0; Q4_K_M comes "
+        f"from llama.cpp's quantizer: export --quantization f16, then run: llama-quantize {out}/llama-f16.gguf "
+        f"{out}/llama-q4_k_m.gguf Q4_K_M\n"
     )
     code, _, err = export(cli, "--model", models["llama"], "--quantization", "q3", "--output_dir", out)
     assert (code, err) == (
@@ -427,7 +458,7 @@ def test_a_failed_read_back_leaves_nothing(models, tmp_path, cli, monkeypatch) -
     code, _, err = export(cli, "--model", models["qwen2"], "--output_dir", out)
     assert code == 1
     assert "read-back check failed: tensor output.weight: its bytes differ from what was written" in err
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder it created is gone too
 
 
 # ---------------------------------------------------------------------------------------------

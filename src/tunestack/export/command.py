@@ -13,7 +13,6 @@ import logging
 import re
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +148,30 @@ def _required_keys(arch: str, vocab: gguf_vocab.VocabSpec) -> list[str]:
     return keys
 
 
+def _chat_template(args: ExportArguments, tokenizer: Any) -> tuple[Any, NamedTemplate | None]:
+    """The template training used (--template_name, else the tokenizer's own; None for a model without one) and
+    the named template the Modelfile renders it with."""
+    template = None
+    if args.template_name not in TOKENIZER_TEMPLATE_NAMES or getattr(tokenizer, "chat_template", None):
+        template = get_template(args.template_name, tokenizer)
+    else:
+        logger.warning("the tokenizer has no chat template: the GGUF gets none and the Modelfile passes prompts raw")
+    fitted = ollama.fit_named_template(template, tokenizer) if template is not None and args.modelfile else None
+    return template, fitted
+
+
+def _modelfile(
+    args: ExportArguments, gguf_name: str, source: ModelRef, tokenizer: Any, fitted: Any, stops: list[int], bos: bool
+) -> str:
+    system = args.system_prompt if args.system_prompt is not None else training_system_prompt(source)
+    if system is None and fitted is not None:
+        system = fitted.default_system
+    if fitted is None:
+        return ollama.modelfile_text(gguf_name, None, system or None, [tokenizer.decode([i]) for i in stops])
+    text = ollama.go_template(fitted, tokenizer, runtime_adds_bos=bos)
+    return ollama.modelfile_text(gguf_name, text, system or None, ollama.stop_strings(tokenizer, stops, fitted))
+
+
 def export_gguf(args: ExportArguments) -> dict[str, Any]:
     import gguf
 
@@ -162,33 +185,22 @@ def export_gguf(args: ExportArguments) -> dict[str, Any]:
     config = _config_of(ref, args.trust_remote_code)
     arch = gguf_arch.architecture_of(config)  # refuse what cannot be written before any merge or load
     gguf_arch.rope_of(config)
-    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(ref, None, args.trust_remote_code)  # the one a merge saves with the merged model
+    template, fitted = _chat_template(args, tokenizer)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch_dir = tempfile.TemporaryDirectory(prefix=".export-merge-", dir=output.parent) if ref.adapters else None
+    created = not output.exists()
     tmp_gguf, tmp_modelfile = outputs.temporary_path(output, name), outputs.temporary_path(output, MODELFILE)
-    scratch_dir = tempfile.TemporaryDirectory(prefix=".export-merge-", dir=output) if ref.adapters else nullcontext()
-    with scratch_dir as scratch:
-        merged = None
-        if ref.adapters:
+    try:
+        source = ref
+        if scratch_dir is not None:
             logger.info("merging %s into its base first (tunestack merge, float32, checked)", ref.adapters[-1])
-            merged = merge_into(
-                Path(scratch) / "merged",
-                args.reference,
-                args.lora_model,
-                torch_dtype="float32",
-                max_shard_size="1000GB",
-                overwrite=False,
-                trust_remote_code=args.trust_remote_code,
-            )
+            merged = merge_into(Path(scratch_dir.name) / "merged", args.reference, args.lora_model,
+                                torch_dtype="float32", max_shard_size="1000GB", overwrite=False,
+                                trust_remote_code=args.trust_remote_code)  # fmt: skip
             source = resolve_model(str(merged.output_dir))
-        else:
-            source = ref
-        tokenizer = load_tokenizer(source, None, args.trust_remote_code)
-        template = None
-        if args.template_name not in TOKENIZER_TEMPLATE_NAMES or getattr(tokenizer, "chat_template", None):
-            template = get_template(args.template_name, tokenizer)
-        fitted = ollama.fit_named_template(template, tokenizer) if template is not None and args.modelfile else None
-        model = load_model(
-            source, ModelArguments(torch_dtype="float32", trust_remote_code=args.trust_remote_code), tokenizer=tokenizer
-        ).eval()
+        model = load_model(source, ModelArguments(torch_dtype="float32", trust_remote_code=args.trust_remote_code),
+                           tokenizer=tokenizer).eval()  # fmt: skip
         extra = template_stop_ids(template, tokenizer) if isinstance(template, NamedTemplate) else []
         stops = stop_token_ids(source, model, tokenizer, extra)
         n_vocab = int(model.get_input_embeddings().weight.shape[0])
@@ -204,28 +216,22 @@ def export_gguf(args: ExportArguments) -> dict[str, Any]:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             gguf_vocab.write_vocab(writer, vocab, jinja_chat_template(template) if template is not None else None)
 
-        try:
-            written = gguf_writer.write_gguf(tmp_gguf, arch_name, metadata, planned, label=name)
-            check = gguf_writer.read_back(written, _required_keys(arch_name, vocab))
-            files = {name: (tmp_gguf, {"format": "gguf", "quantization": quantization, "source": str(ref.reference)})}
-            if args.modelfile:
-                system = args.system_prompt if args.system_prompt is not None else training_system_prompt(source)
-                if system is None and fitted is not None:
-                    system = fitted.default_system
-                text = ollama.go_template(fitted, tokenizer, vocab.add_bos) if fitted is not None else None
-                stop_texts = (
-                    ollama.stop_strings(tokenizer, stops, fitted)
-                    if fitted is not None
-                    else [tokenizer.decode([i]) for i in stops]
-                )
-                tmp_modelfile.write_text(
-                    ollama.modelfile_text(name, text, system or None, stop_texts), encoding="utf-8"
-                )
-                files[MODELFILE] = (tmp_modelfile, {"format": "modelfile", "gguf": name})
-            outputs.commit(output, files)
-        finally:
-            for tmp in (tmp_gguf, tmp_modelfile):
-                tmp.unlink(missing_ok=True)
+        output.mkdir(exist_ok=True)
+        written = gguf_writer.write_gguf(tmp_gguf, arch_name, metadata, planned, label=name)
+        check = gguf_writer.read_back(written, _required_keys(arch_name, vocab))
+        files = {name: (tmp_gguf, {"format": "gguf", "quantization": quantization, "source": str(ref.reference)})}
+        if args.modelfile:
+            text = _modelfile(args, name, source, tokenizer, fitted, stops, vocab.add_bos)
+            tmp_modelfile.write_text(text, encoding="utf-8")
+            files[MODELFILE] = (tmp_modelfile, {"format": "modelfile", "gguf": name})
+        outputs.commit(output, files)
+    finally:
+        for tmp in (tmp_gguf, tmp_modelfile):
+            tmp.unlink(missing_ok=True)
+        if scratch_dir is not None:
+            scratch_dir.cleanup()
+        if created and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
     return {
         "path": output / name,
         "bytes": (output / name).stat().st_size,
@@ -234,7 +240,7 @@ def export_gguf(args: ExportArguments) -> dict[str, Any]:
         "quantization": quantization,
         "modelfile": output / MODELFILE if args.modelfile else None,
         "template": getattr(fitted, "name", None),
-        "merged": merged is not None,
+        "merged": scratch_dir is not None,
         "seconds": round(time.time() - started, 1),
     }
 

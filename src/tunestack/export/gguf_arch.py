@@ -162,7 +162,8 @@ def write_hyperparameters(writer: Any, config: Any, arch: Architecture) -> None:
     # llama3: no keys; the factors travel as the rope_freqs tensor (see model_tensors).
     if arch.gguf_arch == "QWEN2" and getattr(cfg, "use_sliding_window", False):
         logger.warning("this Qwen2 model uses sliding-window attention, which llama.cpp's qwen2 graph ignores")
-    if getattr(cfg, "model_type", "") == "mistral" and getattr(cfg, "sliding_window", None):
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "model_type", "") == "mistral" else None
+    if window and window < cfg.max_position_embeddings:
         logger.warning(
             "this Mistral model has a sliding window of %s tokens; llama.cpp attends to the whole context",
             cfg.sliding_window,

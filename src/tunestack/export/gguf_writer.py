@@ -24,7 +24,7 @@ from tunestack.export.gguf_arch import SourceTensor
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-# Quantizations only llama.cpp's own quantizer makes (k-quants, i-quants, and types gguf-py cannot write).
+# Types llama.cpp's own quantizer (llama-quantize) makes from an f16 file: k-quants, i-quants and the rest.
 LLAMA_QUANTIZE_ONLY = (
     "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
     "q4_1", "q5_0", "q5_1", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs",
@@ -39,16 +39,17 @@ class ReadBackError(TunestackError):
     exit_code = 1
 
 
-def check_quantization(name: str, gguf_path_hint: str) -> str:
-    """The normalised quantization name; ConfigError (exit 2) for anything else, with the way to get a k-quant."""
+def check_quantization(name: str, f16_path: str) -> str:
+    """The normalised quantization name; ConfigError (exit 2) for anything else, naming the llama-quantize command
+    for the types llama.cpp's quantizer makes (`f16_path`: where the f16 export of this model goes)."""
     q = name.strip().lower()
     if q in QUANTIZATIONS:
         return q
     if q in LLAMA_QUANTIZE_ONLY:
+        target = f16_path.removesuffix("-f16.gguf") + f"-{q}.gguf"
         raise ConfigError(
-            f"--quantization {name}: {q.upper()} needs llama.cpp's quantizer; export --quantization f16 (or q8_0) "
-            f"and run: llama-quantize {gguf_path_hint} {gguf_path_hint.replace('-f16.gguf', f'-{q}.gguf')} "
-            f"{q.upper()}"
+            f"--quantization {name}: tunestack writes {', '.join(QUANTIZATIONS)}; {q.upper()} comes from llama.cpp's "
+            f"quantizer: export --quantization f16, then run: llama-quantize {f16_path} {target} {q.upper()}"
         )
     raise ConfigError(f"--quantization {name}: expected one of {', '.join(QUANTIZATIONS)}")
 
@@ -164,7 +165,6 @@ def write_gguf(
                 p.sha256 = hashlib.sha256(data.view(np.uint8).reshape(-1)).hexdigest()
                 writer.write_tensor_data(data)
                 bar.update(p.nbytes)
-        writer.close()
     finally:
         writer.close()
     return WrittenFile(path, planned, metadata)
