@@ -236,24 +236,26 @@ def test_the_gguf_tokenizer_encodes_like_ours(models, tmp_path, cli, family) -> 
 # Adapters, the Modelfile
 
 
-def make_stage_output(base: Path, out: Path, system_prompt: str) -> Path:
-    """A LoRA adapter of `base` saved as an SFT stage output (run.json naming base and system prompt)."""
+def make_stage_output(base: Path, out: Path, system_prompt: str, task_type: str = "CAUSAL_LM") -> Path:
+    """A LoRA adapter of `base` saved as a stage output (run.json naming base and system prompt)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    )
+    if task_type == "SEQ_CLS":
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+    lora = LoraConfig(task_type=task_type, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(model, lora)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn_like(param) * 0.2)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    manifest = {"stage": "sft", "base_model": str(base), "status": "complete", "tuning_method": "lora",
-                "options": {"data": {"system_prompt": system_prompt}}}  # fmt: skip
+    manifest = {"stage": "sft" if task_type == "CAUSAL_LM" else "rm", "base_model": str(base), "status": "complete",
+                "tuning_method": "lora", "options": {"data": {"system_prompt": system_prompt}}}  # fmt: skip
     (out / "run.json").write_text(json.dumps(manifest))
     return out
 
@@ -396,7 +398,9 @@ def test_a_sharded_safetensors_export_loads_in_plain_transformers(models, tmp_pa
 # Errors and integrity
 
 
-def test_errors_are_one_line_exit_2(models, tmp_path, cli) -> None:
+def test_errors_are_one_line_exit_2(models, tmp_path, cli, capsys) -> None:
+    rm = make_stage_output(models["llama"], tmp_path / "rm", "", task_type="SEQ_CLS")
+    capsys.readouterr()  # the adapter's own loading output
     out = tmp_path / "gguf"
     code, _, err = export(cli, "--model", models["glm4"], "--output_dir", out)
     assert code == 2
@@ -415,6 +419,11 @@ def test_errors_are_one_line_exit_2(models, tmp_path, cli) -> None:
     assert (code, err) == (
         2,
         "tunestack export: error: --quantization q3: expected one of f32, f16, bf16, q8_0, q4_0\n",
+    )
+    code, _, err = export(cli, "--model", rm, "--output_dir", out)
+    assert (code, err) == (
+        2,
+        f"tunestack export: error: {rm} is a reward model adapter, which has no GGUF form; use --format safetensors\n",
     )
     assert not out.exists()
 

@@ -25,12 +25,12 @@ from tunestack.data.templates import (
     jinja_chat_template,
 )
 from tunestack.data.templates import stop_token_ids as template_stop_ids
-from tunestack.errors import ConfigError
+from tunestack.errors import ConfigError, ModelError
 from tunestack.export import gguf_arch, gguf_vocab, gguf_writer, ollama, outputs
 from tunestack.export.safetensors import merge_into, resave
 from tunestack.infer.generate import stop_token_ids
 from tunestack.model.load import ModelRef, load_model, load_tokenizer, resolve_model
-from tunestack.model.merge import MergeArguments, resolve_stack, training_system_prompt
+from tunestack.model.merge import MergeArguments, adapter_task_type, resolve_stack, training_system_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,10 @@ def export_gguf(args: ExportArguments) -> dict[str, Any]:
     name = args.gguf_file(quantization)
     outputs.check_replaceable(output, [name] + ([MODELFILE] if args.modelfile else []))
     ref = resolve_stack(args.reference, args.lora_model)
+    if ref.adapters and adapter_task_type(ref.adapters[-1]) == "SEQ_CLS":
+        raise ModelError(
+            f"{ref.adapters[-1]} is a reward model adapter, which has no GGUF form; use --format safetensors"
+        )
     config = _config_of(ref, args.trust_remote_code)
     arch = gguf_arch.architecture_of(config)  # refuse what cannot be written before any merge or load
     gguf_arch.rope_of(config)

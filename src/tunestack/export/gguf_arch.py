@@ -48,6 +48,8 @@ def text_config(config: Any) -> Any:
 def architecture_of(config: Any) -> Architecture:
     """The GGUF layout of `config`'s model type; ModelError (exit 2) naming the supported ones otherwise."""
     model_type = getattr(text_config(config), "model_type", None)
+    if any(name.endswith("ForSequenceClassification") for name in getattr(config, "architectures", None) or []):
+        raise ModelError("a reward model (a sequence classifier) has no GGUF form; use --format safetensors")
     if model_type not in ARCHITECTURES:
         names = ", ".join(getattr(config, "architectures", None) or [str(model_type)])
         raise ModelError(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.errors import ConfigError
+from tunestack.train.output import write_json_atomic
 
 MANIFEST = "export.json"
 TOOL = "tunestack export"
@@ -60,8 +61,6 @@ def commit(folder: Path, written: dict[str, tuple[Path, dict[str, Any]]]) -> Non
     manifest = read_manifest(folder)
     for name, (tmp, info) in written.items():
         manifest["files"][name] = {"bytes": tmp.stat().st_size, "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    tmp_manifest = temporary_path(folder, MANIFEST)
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp_manifest, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest)
     for name, (tmp, _) in written.items():
         os.replace(tmp, folder / name)
