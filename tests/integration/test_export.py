@@ -4,6 +4,7 @@ Modelfile rendered by Go's text/template, and sharded safetensors folders loaded
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -230,6 +231,39 @@ def test_the_gguf_tokenizer_encodes_like_ours(models, tmp_path, cli, family) -> 
         ours.eos_token_id,
     )
     assert meta["tokenizer.chat_template"] == ours.chat_template
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp itself
+
+NODE_LLAMA_CPP = os.environ.get("TUNESTACK_NODE_LLAMA_CPP")  # the node-llama-cpp package folder (npm i node-llama-cpp)
+LLAMA_CPP_CHECK = Path(__file__).parents[1] / "fixtures" / "llama_cpp_check.mjs"
+
+
+@pytest.mark.skipif(
+    not (NODE_LLAMA_CPP and shutil.which("node")),
+    reason="set TUNESTACK_NODE_LLAMA_CPP to a node-llama-cpp package folder (npm i node-llama-cpp) to run llama.cpp",
+)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama3", "spm", "mistral", "qwen3"])
+def test_llama_cpp_tokenizes_and_generates_like_the_source(models, tmp_path, cli, family) -> None:
+    """The real consumer: llama.cpp loads the f32 file, splits text into the same token ids as our tokenizer and
+    continues a prompt with the same greedy tokens as the source model (Q/K layout, rope_freqs, norms, vocab)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert export(cli, "--model", models[family], "--quantization", "f32", "--output_dir", tmp_path)[0] == 0
+    tok = AutoTokenizer.from_pretrained(models[family])
+    src = AutoModelForCausalLM.from_pretrained(models[family], dtype=torch.float32).eval()
+    prompt = tok(" ".join(PROMPTS), add_special_tokens=True)["input_ids"]  # ~100 tokens: past llama3's 64
+    request = {"model": str(tmp_path / f"{models[family].name}-f32.gguf"), "texts": [MIXED_TEXT, *PROMPTS],
+               "prompt": prompt, "new_tokens": 12}  # fmt: skip
+    done = subprocess.run(["node", str(LLAMA_CPP_CHECK)], input=json.dumps(request), capture_output=True, text=True,
+                          env={**os.environ, "TUNESTACK_NODE_LLAMA_CPP": NODE_LLAMA_CPP}, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ids"] == [tok(t, add_special_tokens=False)["input_ids"] for t in [MIXED_TEXT, *PROMPTS]]
+    with torch.inference_mode():
+        greedy = src.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert result["greedy"] == greedy[0, len(prompt) :].tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class ExportArguments:
         if self.gguf_name:
             return self.gguf_name.removesuffix(".gguf")
         name = Path(self.lora_model or self.reference or "smollm2-135m-instruct").expanduser()
+        name = name.resolve() if name.exists() else name  # "." and "out/sft/" name their folder
         stem = name.stem if name.suffix.lower() == ".gguf" else name.name
         return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
 
@@ -110,7 +111,7 @@ class ExportArguments:
                 out += exc.problems
         elif self.quantization:
             out.append("--quantization applies to --format gguf; a safetensors export keeps --torch_dtype")
-        out += [p for p in MergeArguments(lora_model="-", max_shard_size=self.max_shard_size).problems()]
+        out += MergeArguments(lora_model="-", max_shard_size=self.max_shard_size).problems()  # merge's size check
         return out
 
 
@@ -177,7 +178,7 @@ def export_gguf(args: ExportArguments) -> dict[str, Any]:
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every step at INFO
     started = time.time()
-    quantization = (args.quantization or "f16").lower()
+    quantization = (args.quantization or "f16").strip().lower()
     output = Path(args.output_dir or "").expanduser()
     name = args.gguf_file(quantization)
     outputs.check_replaceable(output, [name] + ([MODELFILE] if args.modelfile else []))
