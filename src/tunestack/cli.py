@@ -80,6 +80,9 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(
         "tunestack.serve.command:main", "OpenAI-compatible API and web chat page (127.0.0.1; key for others)"
     ),
+    "export": Command(
+        "tunestack.export.command:main", "GGUF (f16, q8_0, q4_0 ...) + Ollama Modelfile, or sharded safetensors"
+    ),
     "chat": Command("tunestack.infer.chat:main", "chat with a model or stage output (interactive, or one --prompt)"),
     "infer": Command("tunestack.infer.batch:main", "batch generation from a jsonl/json/txt file of prompts"),
     "data": Command("tunestack.data.commands:main", "data preview: samples as the model sees them, trained span marked"),

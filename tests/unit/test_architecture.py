@@ -121,7 +121,8 @@ def _definitions(pattern: str) -> list[str]:
 
 
 def test_shared_jobs_are_written_once() -> None:
-    assert _definitions(r"os\.replace\(") == ["atomic.py", "rundir.py"]  # atomic writes; a final save moved in
+    # atomic writes; a final save moved in; an export's files moved in once read back
+    assert _definitions(r"os\.replace\(") == ["atomic.py", "export/outputs.py", "rundir.py"]
     assert _definitions(r"mkdtemp\(") == ["atomic.py"]
     assert _definitions(r"PeftModel\.from_pretrained\(") == ["model/adapters.py"]  # stacking adapters
     assert _definitions(r"^def (split_held_out|held_out_indices)\(") == ["data/records.py"]

@@ -151,14 +151,19 @@ def _dequantize_if_needed(model: Any) -> Any:
 # The command
 
 
-def merge(args: MergeArguments) -> MergeResult:
+def merge(args: MergeArguments, allow_full: bool = False) -> MergeResult:
+    """Merge the reference's adapters into one checked, standalone folder. With `allow_full` a model without
+    adapters is re-saved the same way (sharded, checked by reloading it): what `tunestack export` does."""
     started = time.time()
     ref = resolve_stack(args.base_model, args.adapter)
-    if not ref.adapters:
+    if not ref.adapters and not allow_full:
         raise ConfigError(f"{args.adapter} holds a full model, not an adapter: there is nothing to merge")
-    adapter_dir = ref.adapters[-1]
+    if not args.output_dir and not ref.adapters:
+        raise ConfigError("--output_dir is required")
     output = (
-        Path(args.output_dir).expanduser() if args.output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
+        Path(args.output_dir).expanduser()
+        if args.output_dir
+        else ref.adapters[-1].with_name(ref.adapters[-1].name + "-merged")
     )
     lock = claim_output_folder(output, args.overwrite_output_dir, [ref.base_dir, *ref.adapters])
     try:
@@ -171,13 +176,13 @@ def _merge(args: MergeArguments, ref: ModelRef, output: Path, started: float) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    adapter_dir = ref.adapters[-1]
+    adapter_dir = ref.adapters[-1] if ref.adapters else None
     remove_stale_staging(output, STAGING_TAG)
     saved_dtype = _saved_dtype(args.torch_dtype, ref)
 
     tokenizer = load_tokenizer(ref, args.tokenizer_path, args.trust_remote_code)
     tokenizer_dir = Path(args.tokenizer_path).expanduser() if args.tokenizer_path else ref.tokenizer_dir
-    seq_cls = adapter_task_type(adapter_dir) == "SEQ_CLS"
+    seq_cls = adapter_dir is not None and adapter_task_type(adapter_dir) == "SEQ_CLS"
     model_class = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     extra = {"num_labels": 1} if seq_cls else None
     load_args = ModelArguments(
@@ -193,12 +198,13 @@ def _merge(args: MergeArguments, ref: ModelRef, output: Path, started: float) ->
     if seq_cls and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # batched scoring finds the last token with it
     model = stack_adapters(model, ref.adapters, keep_last=True)
-    require_mergeable(model, adapter_dir)
+    if adapter_dir is not None:
+        require_mergeable(model, adapter_dir)
 
-    probes = _probe_inputs(tokenizer, model.get_base_model().get_input_embeddings().weight.shape[0])
+    probes = _probe_inputs(tokenizer, model.get_input_embeddings().weight.shape[0])
     live = _logits(model, probes)
     tolerance = REL_TOLERANCE * max(1.0, float(live.abs().max()))
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if adapter_dir is not None else model
     del model
     check: dict[str, Any] = {"tokens": int(sum(p.shape[1] for p in probes)), "tolerance": tolerance}
     stored = live
@@ -267,7 +273,7 @@ def _write_manifest(folder: Path, result: MergeResult, ref: ModelRef, model_name
             "stage": "merge",
             "status": "complete",
             "base_model": str(ref.base_dir.resolve()),
-            "adapter": str(result.adapters[-1].resolve()),
+            "adapter": str(result.adapters[-1].resolve()) if result.adapters else None,
             "adapters": [str(a.resolve()) for a in result.adapters],
             "source_stage": source.get("stage"),
             "tuning_method": source.get("tuning_method"),
@@ -287,13 +293,18 @@ def _write_manifest(folder: Path, result: MergeResult, ref: ModelRef, model_name
 def summary(result: MergeResult) -> str:
     n = len(result.adapters)
     check = result.check
+    what = (
+        f"merged {n} adapter{'s' if n > 1 else ''} ({result.adapters[-1]}) into {result.base_dir}"
+        if n
+        else f"re-saved {result.base_dir}"
+    )
+    shards = f"{result.shards} safetensors shards + model.safetensors.index.json" if result.shards > 1 else "1 shard"
     lines = [
-        f"merged {n} adapter{'s' if n > 1 else ''} ({result.adapters[-1]}) into {result.base_dir} "
-        f"in {result.seconds:.0f}s",
-        f"  model: {result.task}, {result.parameters / 1e6:.1f}M parameters, {result.dtype}, "
-        f"{result.shards} safetensors shard{'s' if result.shards > 1 else ''} ({result.bytes / 1e6:.1f} MB)",
-        f"  check: max |logit difference| vs base + adapter = {check['max_abs_logit_diff']:.2g} on "
-        f"{check['tokens']} tokens (tolerance {check['tolerance']:.2g}): ok",
+        f"{what} in {result.seconds:.0f}s",
+        f"  model: {result.task}, {result.parameters / 1e6:.1f}M parameters, {result.dtype}, {shards} "
+        f"({result.bytes / 1e6:.1f} MB)",
+        f"  check: max |logit difference| vs {'base + adapter' if n else 'the loaded model'} = "
+        f"{check['max_abs_logit_diff']:.2g} on {check['tokens']} tokens (tolerance {check['tolerance']:.2g}): ok",
     ]
     if "storage_rounding_diff" in check:
         lines.append(

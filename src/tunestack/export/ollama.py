@@ -1,0 +1,172 @@
+"""The Ollama Modelfile beside an exported .gguf: FROM, TEMPLATE, SYSTEM and one PARAMETER stop per stop string.
+
+The TEMPLATE is Go text/template in Ollama's form: `.System` (the system prompt: the request's, else the
+Modelfile's SYSTEM) and `.Messages` (the conversation, in which Ollama also keeps the system message, skipped here).
+It is generated from the structured fields of a named chat template (prefix, system, user, assistant header, stop,
+separator), so it renders a conversation to the same text as tunestack's template: the history with each answer
+closed by its stop text, then the assistant header. A tokenizer's jinja chat template is first matched to the
+named template that renders probe conversations identically (finding a built-in default system prompt, as
+SmolLM2's, on the way); a jinja template that matches none cannot be translated and is an error.
+
+SYSTEM is the system prompt the model was trained with, else the template's default one. A leading BOS token in
+the template text is left out when the tokenizer adds BOS itself (llama.cpp and Ollama then add it, once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from tunestack.data.formats import Message
+from tunestack.data.templates import NamedTemplate, Template, TokenizerTemplate, named_templates
+from tunestack.errors import ConfigError
+
+_SENTINEL = "\u2063SYSTEM\u2063"
+_PROBE_SYSTEM = "You are a careful medical assistant."
+_PROBES: tuple[tuple[str | None, tuple[Message, ...]], ...] = tuple(
+    (system, messages)
+    for system in (None, _PROBE_SYSTEM)
+    for messages in (
+        (Message("user", "Hi"),),
+        (Message("user", "Hi"), Message("assistant", "Hello! How can I help?"), Message("user", "病人发烧了怎么办？")),
+        (Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Bye"), Message("assistant", "Bye.")),
+    )
+)
+
+
+def _jinja_text(template: TokenizerTemplate, tokenizer: Any, system: str | None, messages: tuple[Message, ...]) -> str:
+    dicts = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": m.role, "content": m.content} for m in messages
+    ]
+    return tokenizer.apply_chat_template(
+        dicts, chat_template=template.source, add_generation_prompt=messages[-1].role == "user", tokenize=False
+    )
+
+
+def _named_text(template: NamedTemplate, tokenizer: Any, system: str | None, messages: tuple[Message, ...]) -> str:
+    return "".join(s.text for s in template.render(tokenizer, system, messages))
+
+
+def _default_system(candidate: NamedTemplate, jinja: TokenizerTemplate, tokenizer: Any) -> str | None:
+    """The system prompt the jinja template inserts when none is given, if it renders like `candidate` otherwise."""
+    messages = _PROBES[0][1]
+    with_sentinel = _named_text(dataclasses.replace(candidate, default_system=None), tokenizer, _SENTINEL, messages)
+    before, _, after = with_sentinel.partition(_SENTINEL)
+    text = _jinja_text(jinja, tokenizer, None, messages)
+    if text.startswith(before) and text.endswith(after) and len(text) > len(before) + len(after):
+        return text[len(before) : len(text) - len(after)]
+    return None
+
+
+def fit_named_template(template: Template, tokenizer: Any) -> NamedTemplate:
+    """A named template that renders exactly like `template` (itself when it is one)."""
+    if isinstance(template, NamedTemplate):
+        return template
+    candidates = {t.name: t for t in named_templates().values()}.values()
+    for candidate in candidates:
+        for default in dict.fromkeys((candidate.default_system, None, _default_system(candidate, template, tokenizer))):
+            fitted = dataclasses.replace(candidate, default_system=default)
+            try:
+                same = all(
+                    _named_text(fitted, tokenizer, s, m) == _jinja_text(template, tokenizer, s, m) for s, m in _PROBES
+                )
+            except Exception:  # jinja TemplateError (e.g. "System role not supported") or a template-specific raise
+                same = False
+            if same:
+                return fitted
+    raise ConfigError(
+        "the tokenizer's chat template renders conversations unlike every named template, so the Modelfile cannot "
+        f"reproduce it; pass --template_name (one of {', '.join(sorted({t.name for t in candidates}))}) or "
+        "--modelfile false"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Go template
+
+
+def _literal(text: str) -> str:
+    """`text` as Go template output: raw when it cannot be taken for template syntax, else a Go string action."""
+    if not text:
+        return ""
+    if "{{" in text or "}}" in text or '"""' in text or text.endswith("{") or text.startswith("}"):
+        return "{{ " + json.dumps(text) + " }}"
+    return text
+
+
+def go_template(template: NamedTemplate, tokenizer: Any, runtime_adds_bos: bool) -> str:
+    """Ollama's TEMPLATE for `template` (see the module docstring). No trim markers (`{{-`) are used: the
+    literal text around the actions is output exactly."""
+    t = template
+
+    def fill(slot: str) -> str:
+        return t._fill(slot, tokenizer)
+
+    prefix = fill(t.prefix)
+    bos = tokenizer.bos_token or ""
+    if runtime_adds_bos and bos and prefix.startswith(bos):
+        prefix = prefix[len(bos) :]
+    sys_before, sys_after = (fill(part) for part in t.system.partition("{content}")[::2])
+    user_before, user_after = (fill(part) for part in t.user.partition("{content}")[::2])
+    header, stop, separator = fill(t.assistant_header), fill(t.stop), fill(t.separator)
+    system_block = f"{_literal(sys_before)}{{{{ $.System }}}}{_literal(sys_after)}"
+    parts = [_literal(prefix)]
+    if t.system_in_user:
+        parts.append("{{ $first := true }}")
+    else:
+        parts.append(f"{{{{ if .System }}}}{system_block}{{{{ end }}}}")
+    parts.append(
+        '{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}{{ if eq .Role "user" }}'
+    )
+    parts.append(_literal(user_before))
+    if t.system_in_user:
+        parts.append(f"{{{{ if and $first $.System }}}}{system_block}{{{{ end }}}}{{{{ $first = false }}}}")
+    parts.append(f"{{{{ .Content }}}}{_literal(user_after)}{_literal(header)}")
+    parts.append('{{ else if eq .Role "assistant" }}{{ .Content }}')
+    parts.append(f"{{{{ if not $last }}}}{_literal(stop)}{_literal(separator)}{{{{ end }}}}")
+    parts.append("{{ end }}{{ end }}")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Modelfile
+
+
+def _printable(value: str, what: str) -> None:
+    """Ollama's Modelfile parser drops unprintable characters other than newlines and tabs."""
+    bad = sorted({c for c in value if not (c.isprintable() or c in "\n\r\t")})
+    if bad:
+        raise ConfigError(f"the {what} holds characters a Modelfile cannot carry: {', '.join(map(repr, bad))}")
+
+
+def quote(value: str, what: str, multiline: bool = False) -> str:
+    """A Modelfile value whose text the parser keeps exactly: in quotes, triple quotes when it spans lines or holds
+    a quote (the parser ends a value at a newline outside quotes and trims the spaces around it)."""
+    _printable(value, what)
+    if '"""' in value:
+        raise ConfigError(f'the {what} contains """, which a Modelfile value cannot hold')
+    if multiline or "\n" in value or "\r" in value or '"' in value:
+        return f'"""{value}"""'
+    return f'"{value}"'
+
+
+def stop_strings(tokenizer: Any, stop_ids: list[int], template: NamedTemplate) -> list[str]:
+    """The text of every stop token of training, then the template's stop texts."""
+    texts = [tokenizer.decode([i]) for i in stop_ids]
+    texts += [s for s in template.stop_strings(tokenizer) if s]
+    return [s for s in dict.fromkeys(texts) if s.strip()]
+
+
+def modelfile_text(gguf_name: str, template_text: str | None, system: str | None, stops: list[str]) -> str:
+    lines = [
+        "# Ollama Modelfile written by tunestack export. Create the model with:",
+        "#   ollama create NAME -f Modelfile",
+        f"FROM ./{gguf_name}",
+    ]
+    if template_text is not None:
+        lines.append(f"TEMPLATE {quote(template_text, 'chat template', multiline=True)}")
+    if system:
+        lines.append(f"SYSTEM {quote(system, 'system prompt', multiline=True)}")
+    lines += [f"PARAMETER stop {quote(s, 'stop string')}" for s in stops]
+    return "\n".join(lines) + "\n"
