@@ -18,14 +18,17 @@ from typing import Any
 from tunestack.config.model import DTYPES
 from tunestack.errors import ConfigError, TunestackError
 from tunestack.eval.metrics import SEGMENTATION, answer_scores, has_jieba, score_answers
+from tunestack.eval.suite import BenchmarkArguments, BenchmarkSuite
 from tunestack.infer.batch import PromptItem, generate_all, write_jsonl_atomic
 from tunestack.infer.generate import ChatModel, GenerationArguments, ModelSelection
 
 logger = logging.getLogger("tunestack")
+DRIFT_KEYS = ("drift_rouge_l", "drift_perplexity")
 
 DESCRIPTION = (
     "Evaluate one or more models: perplexity on text, answers scored against references (exact match, BLEU-4, "
-    "ROUGE-L), reward-model scores, and a fixed set of probe prompts kept for before/after comparison."
+    "ROUGE-L), reward-model scores, multiple-choice benchmarks from local folders (MMLU, C-Eval, CMMLU, generic), "
+    "a drift probe against the base model, and a fixed set of probe prompts kept for before/after comparison."
 )
 
 
@@ -104,7 +107,7 @@ class EvalGenerationArguments(GenerationArguments):
 
 
 def argument_classes() -> tuple[type, ...]:
-    return (EvalArguments, EvalGenerationArguments)
+    return (EvalArguments, BenchmarkArguments, EvalGenerationArguments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +186,7 @@ def evaluate_model(
     items: list[PromptItem],
     probes: list[PromptItem],
     scorer: RewardScorer | None,
+    suite: BenchmarkSuite | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(metrics, prediction rows) of one model."""
     from tunestack.eval.perplexity import perplexity, token_blocks
@@ -200,6 +204,8 @@ def evaluate_model(
         blocks = token_blocks(chat.tokenizer, docs, args.block_size, args.max_eval_blocks)
         ppl = perplexity(chat.model, blocks, batch_size=min(args.eval_batch_size, 4))
         metrics.update(perplexity=ppl["perplexity"], perplexity_tokens=ppl["tokens"])
+    suite_metrics, suite_rows = suite.measure(label, chat) if suite is not None else ({}, [])
+    metrics.update(suite_metrics)
     asked = items + probes
     answers = generate_all(chat, asked, gen, args.eval_batch_size, chat.system_for(gen)) if asked else []
     rewards = scorer(asked, answers, args.eval_batch_size) if scorer is not None and asked else None
@@ -213,6 +219,7 @@ def evaluate_model(
         if rewards is not None:
             row["reward"] = round(rewards[i], 4)
         rows.append(row)
+    rows += suite_rows
     scored = [(a, it.reference) for a, it in zip(answers[: len(items)], items, strict=True) if it.reference]
     if scored:
         preds, refs = zip(*scored, strict=True)
@@ -230,7 +237,7 @@ def evaluate_model(
 def _summary_table(results: list[dict[str, Any]]) -> str:
     keys = [
         k
-        for k in ("perplexity", "exact_match", "bleu4", "rouge_l", "reward_mean", "probe_reward_mean")
+        for k in ("perplexity", "exact_match", "bleu4", "rouge_l", "reward_mean", "probe_reward_mean", *DRIFT_KEYS)
         if any(k in r["metrics"] for r in results)
     ]
     width = max(len(r["label"]) for r in results)
@@ -241,7 +248,7 @@ def _summary_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
+def run_eval(args: EvalArguments, bench: BenchmarkArguments, gen: GenerationArguments) -> int:
     from tunestack.eval.perplexity import read_documents
     from tunestack.eval.prompts import probe_items, read_items
     from tunestack.train.output import OutputFolder, write_json_atomic
@@ -250,15 +257,16 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
     assert args.output_dir is not None
     output = OutputFolder(args.output_dir, "eval")
     output.plan(None, args.overwrite_output_dir)
-    for name in ("eval.json", "predictions.jsonl"):
+    for name in ("eval.json", "predictions.jsonl", "benchmark_predictions.jsonl"):
         (output.path / name).unlink(missing_ok=True)
     docs, text_files = read_documents(args.eval_text_dir) if args.eval_text_dir else ([], [])
     items = read_items(Path(args.eval_file).expanduser(), "--eval_file") if args.eval_file else []
     if args.max_eval_samples and args.max_eval_samples > 0:
         items = items[: args.max_eval_samples]
     probes = probe_items(args.probe_prompts)
-    if not (docs or items or probes):
-        raise ConfigError("nothing to evaluate: give --eval_text_dir, --eval_file or --probe_prompts")
+    suite = BenchmarkSuite(bench, gen, args.eval_batch_size, args.segmentation)
+    if not (docs or items or probes or suite.active):
+        raise ConfigError("nothing to evaluate: give --eval_text_dir, --eval_file, --benchmark_dir or --probe_prompts")
     models = models_to_evaluate(args)
     from dataclasses import asdict
 
@@ -269,7 +277,7 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
         {
             "base_model": models[0][1],
             "tuning_method": None,
-            "options": {"eval": asdict(args), "generation": asdict(gen)},
+            "options": {"eval": asdict(args), "benchmarks": asdict(bench), "generation": asdict(gen)},
             "data_fingerprint": fingerprint_files(data_files) if data_files else None,
             "data_stats": {"documents": len(docs), "prompts": len(items), "probes": len(probes)},
         }
@@ -283,7 +291,7 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
         results, rows = [], []
         for i, (label, reference) in enumerate(models, start=1):
             print(f"[eval {i}/{len(models)}] {label}: {reference}", flush=True)  # noqa: T201
-            metrics, model_rows = evaluate_model(label, reference, args, gen, docs, items, probes, scorer)
+            metrics, model_rows = evaluate_model(label, reference, args, gen, docs, items, probes, scorer, suite)
             results.append({"label": label, "reference": reference, "metrics": metrics})
             rows += model_rows
     except TunestackError as exc:
@@ -298,11 +306,14 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
         "eval_file": args.eval_file,
         "eval_text_dir": args.eval_text_dir,
         "reward_model": args.reward_model,
-        "notes": [scorer.note] if scorer is not None and scorer.note else [],
+        "notes": ([scorer.note] if scorer is not None and scorer.note else []) + suite.notes,
         "segmentation": args.segmentation if args.segmentation != "auto" else ("jieba" if has_jieba() else "char"),
     }
+    report.update(suite.report())
     write_json_atomic(output.path / "eval.json", report)
     write_jsonl_atomic(output.path / "predictions.jsonl", rows)
+    if suite.scored:
+        write_jsonl_atomic(output.path / "benchmark_predictions.jsonl", suite.scored)
     seconds = round(time.time() - started, 1)
     output.finish(
         "complete",
@@ -312,7 +323,8 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
     print(  # noqa: T201
         f"eval finished in {seconds:.0f}s: {len(results)} models, {len(items)} prompts, {len(probes)} probes, "
         f"{len(docs)} documents\n{_summary_table(results)}\n"
-        f"output: {args.output_dir} (eval.json, predictions.jsonl)"
+        + "".join(f"{line}\n" for line in [*suite.describe(), suite.table()] if line)
+        + f"output: {args.output_dir} (eval.json, predictions.jsonl{', benchmark_predictions.jsonl' * bool(suite.scored)})"
     )
     return 0
 
@@ -323,8 +335,11 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print_help(argument_classes(), "tunestack eval", DESCRIPTION)
         return 0
-    args, gen = parse_into(argument_classes(), argv, prog="tunestack eval", description=DESCRIPTION)
-    return run_eval(args, gen)
+    from tunestack.eval.benchmarks import join_repeated
+
+    argv = join_repeated(argv, "--benchmark_dir")
+    args, bench, gen = parse_into(argument_classes(), argv, prog="tunestack eval", description=DESCRIPTION)
+    return run_eval(args, bench, gen)
 
 
 def read_eval(folder: Path) -> dict[str, Any] | None:

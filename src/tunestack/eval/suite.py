@@ -1,0 +1,184 @@
+"""The benchmark and drift-probe options of `tunestack eval`, and what they add to each evaluated model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunestack.eval.benchmarks import METHODS, Benchmark, read_benchmarks
+from tunestack.eval.mcq import Scored, accuracy_rows, format_table, score_benchmarks
+
+ENGINES = ("tunestack", "lm_eval")
+
+
+@dataclass
+class BenchmarkArguments:
+    benchmark_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Multiple-choice benchmark folder(s) in the MMLU, C-Eval, CMMLU or a generic jsonl/csv layout "
+            "(detected per folder); comma separated, or the flag repeated."
+        },
+    )
+    n_shot: int = field(default=5, metadata={"help": "Answered dev questions shown before each question."})
+    mcq_method: str = field(
+        default="letter",
+        metadata={
+            "help": "letter: the next-token log-probability of each answer letter after 'Answer:'; cloze: the "
+            "length-normalised log-likelihood of each choice's text.",
+            "choices": METHODS,
+        },
+    )
+    mcq_chat_template: bool = field(
+        default=False, metadata={"help": "Wrap each benchmark prompt in the model's chat template (default: plain)."}
+    )
+    benchmark_split: str = field(
+        default="auto",
+        metadata={"help": "Split scored: auto (test, or val where test has no answers), test, val.",
+                  "choices": ("auto", "test", "val")},
+    )  # fmt: skip
+    benchmark_lang: str = field(
+        default="auto",
+        metadata={"help": "Prompt language: auto (Chinese for C-Eval/CMMLU and Chinese questions), en, zh.",
+                  "choices": ("auto", "en", "zh")},
+    )  # fmt: skip
+    max_benchmark_questions: int | None = field(
+        default=None, metadata={"help": "Score at most N questions of each subject (a quick look)."}
+    )
+    mcq_max_length: int | None = field(
+        default=None, metadata={"help": "Longest benchmark prompt in tokens (default: the model's context)."}
+    )
+    benchmark_engine: str = field(
+        default="tunestack",
+        metadata={"help": "tunestack, or lm_eval (lm-evaluation-harness on the same folders).", "choices": ENGINES},
+    )
+    drift_probe: int = field(
+        default=0,
+        metadata={
+            "help": "Answer N held-out general prompts with every model and compare with the base model's answers "
+            "(ROUGE-L, perplexity of the base answers); 0: off."
+        },
+    )
+    drift_prompts: str | None = field(
+        default=None,
+        metadata={"help": "Prompts of the drift probe (every sixth is used); default: the built-in general set."},
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.n_shot < 0:
+            out.append(f"--n_shot must be >= 0, got {self.n_shot}")
+        if self.drift_probe < 0:
+            out.append(f"--drift_probe must be >= 0, got {self.drift_probe}")
+        if self.mcq_max_length is not None and self.mcq_max_length < 8:
+            out.append(f"--mcq_max_length must be at least 8, got {self.mcq_max_length}")
+        if self.benchmark_engine == "lm_eval":
+            from tunestack.eval.lm_eval_engine import available
+
+            if not available():
+                out.append("--benchmark_engine lm_eval: lm-evaluation-harness is not installed (pip install lm-eval)")
+            if self.mcq_chat_template:
+                out.append("--benchmark_engine lm_eval builds its own chat prompts: use it without --mcq_chat_template")
+        return out
+
+
+class BenchmarkSuite:
+    """Reads the benchmarks and the drift prompts up front (bad data fails before any model loads), then scores
+    each model as `tunestack eval` loads it."""
+
+    def __init__(self, args: BenchmarkArguments, gen: Any, batch_size: int, segmentation: str):
+        self.args = args
+        self.batch_size = batch_size
+        self.benchmarks: list[Benchmark] = []
+        if args.benchmark_dir:
+            self.benchmarks = read_benchmarks(
+                args.benchmark_dir, args.benchmark_split, args.benchmark_lang, args.max_benchmark_questions
+            )
+        self.drift = None
+        if args.drift_probe > 0:
+            from tunestack.eval.drift import DriftProbe
+
+            self.drift = DriftProbe(args.drift_probe, args.drift_prompts, gen, batch_size, segmentation)
+        self.rows: list[dict[str, Any]] = []
+        self.scored: list[dict[str, Any]] = []
+        self.notes = [note for b in self.benchmarks for note in b.notes]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.benchmarks or self.drift)
+
+    def describe(self) -> list[str]:
+        lines = [b.describe() for b in self.benchmarks]
+        if self.drift is not None:
+            lines.append(f"drift probe: {len(self.drift.items)} held-out prompts of {self.drift.source}")
+        return lines
+
+    def measure(self, label: str, chat: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(metrics, prediction rows) this suite adds for one loaded model."""
+        metrics: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        if self.benchmarks:
+            a = self.args
+            truncated = 0
+            if a.benchmark_engine == "lm_eval":
+                from tunestack.eval.lm_eval_engine import score_with_lm_eval
+
+                scored = score_with_lm_eval(chat, self.benchmarks, a.mcq_method, a.n_shot, self.batch_size,
+                                            a.mcq_max_length)  # fmt: skip
+            else:
+                scored, encoder = score_benchmarks(chat, self.benchmarks, a.mcq_method, a.n_shot, self.batch_size,
+                                                   a.mcq_chat_template, a.mcq_max_length, label)  # fmt: skip
+                truncated = encoder.truncated
+            if truncated:
+                self.notes.append(f"{label}: {truncated} benchmark prompts longer than the context kept their end")
+            new_rows = accuracy_rows(label, self.benchmarks, scored)
+            self.rows += new_rows
+            self.scored += [_scored_row(label, s) for s in scored]
+            for r in new_rows:
+                if r["subject"] == "overall":
+                    metrics[f"mcq_{r['benchmark']}"] = round(100 * r["accuracy"], 2)
+        if self.drift is not None:
+            drift_metrics, rows = self.drift.measure(label, chat)
+            metrics.update(drift_metrics)
+        return metrics, rows
+
+    def report(self) -> dict[str, Any]:
+        """What eval.json gains."""
+        out: dict[str, Any] = {}
+        if self.benchmarks:
+            a = self.args
+            out["benchmarks"] = self.rows
+            out["benchmark_settings"] = {
+                "engine": a.benchmark_engine,
+                "method": a.mcq_method,
+                "n_shot": a.n_shot,
+                "chat_template": a.mcq_chat_template,
+                "folders": [
+                    {"name": b.name, "path": str(b.path), "layout": b.layout, "lang": b.lang, "split": b.split,
+                     "subjects": len(b.subjects), "questions": b.size}
+                    for b in self.benchmarks
+                ],
+            }  # fmt: skip
+        if self.drift is not None:
+            out["drift"] = {
+                "reference": self.drift.reference_label,
+                "prompts": [it.prompt for it in self.drift.items],
+                "source": self.drift.source,
+            }
+        return out
+
+    def table(self) -> str:
+        return format_table(self.rows) if self.rows else ""
+
+
+def _scored_row(label: str, s: Scored) -> dict[str, Any]:
+    return {
+        "model": label,
+        "benchmark": s.benchmark,
+        "subject": s.subject,
+        "where": s.where,
+        "answer": s.answer,
+        "predicted": s.predicted,
+        "correct": s.correct,
+        "scores": s.scores,
+    }
