@@ -101,6 +101,11 @@ class SupervisedStage(Stage):
             train_convs = train_convs[: d.max_train_samples]
         if d.max_eval_samples and d.max_eval_samples > 0:
             eval_convs = eval_convs[: d.max_eval_samples]
+        replay_stats: dict[str, Any] = {}
+        if d.replay_ratio > 0:  # the forgetting guard: the starting model's own answers to general prompts
+            from tunestack.train.replay import mix_replay
+
+            train_convs, replay_stats = mix_replay(ctx, train_convs)
         build = dict(
             tokenizer=ctx.tokenizer,
             template=template,
@@ -114,6 +119,7 @@ class SupervisedStage(Stage):
         if eval_convs:
             evaluation, eval_stats = build_sft_dataset(eval_convs, **build)
             stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
+        stats.update(replay_stats)
         stats["skipped_bad_records"] = len(rejects)
         stats["skip_reasons"] = dict(train_loaded.reason_counts)
         key = f"{fingerprint_files(train_files + eval_files)}|{d}|{jinja_chat_template(template)}"
@@ -167,6 +173,10 @@ class SupervisedStage(Stage):
             reasons = ", ".join(f"{n} {r}" for r, n in s["skip_reasons"].items())
             line += f", {s['skipped_bad_records']} bad records skipped ({reasons}; see rejects.jsonl)"
         lines = [line]
+        if s.get("replay_samples"):
+            from tunestack.train.replay import summary_line
+
+            lines.append(summary_line(s) or "")
         ppl = perplexity_line(m, "eval perplexity on answers")
         if ppl:
             lines.append(ppl)
