@@ -293,3 +293,17 @@ def test_lm_eval_engine_agrees_on_the_same_folder(tmp_path, chat):
     for ids, got in zip(prompts, letters, strict=True):
         expected = [sum(continuation_logprobs(chat.model, [ids], [cont], 1, 0)[0]) for cont in spaced]
         assert got.scores == pytest.approx(expected, abs=1e-3)
+
+
+def test_recipe_eval_stages_take_benchmark_dir_and_fingerprint_its_content(tmp_path):
+    from tunestack.pipeline.fingerprint import data_signature
+    from tunestack.pipeline.kinds import KINDS, accepts
+
+    assert all(accepts(KINDS["eval"], key) for key in ("benchmark_dir", "n_shot", "mcq_method", "drift_probe"))
+    assert accepts(KINDS["sft"], "replay_ratio") and accepts(KINDS["sft"], "replay_prompts")
+    mmlu, cmmlu = sets.write_mmlu(tmp_path / "mmlu"), sets.write_cmmlu(tmp_path / "cmmlu")
+    before = data_signature("benchmark_dir", f"{mmlu},{cmmlu}")
+    assert sorted(before) == sorted([str(mmlu), str(cmmlu)])
+    (mmlu / "test" / "astronomy_test.csv").write_text("Changed?,a,b,c,d,A\n")
+    after = data_signature("benchmark_dir", f"{mmlu},{cmmlu}")
+    assert after[str(mmlu)] != before[str(mmlu)] and after[str(cmmlu)] == before[str(cmmlu)]

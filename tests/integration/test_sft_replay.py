@@ -142,3 +142,30 @@ def test_replay_flags_are_checked(cli, tiny_model, data, tmp_path):
     assert code == 2
     assert "--replay_ratio must be between 0 and 10, got -1.0" in err
     assert "--replay_max_new_tokens must be at least 8, got 4" in err
+
+
+@pytest.mark.distributed
+def test_under_torchrun_one_process_generates_and_the_other_reads_the_cache(tiny_model, data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, prompts = data
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    script = Path(__file__).parent.parent / "fixtures" / "replay_probe.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_DIR=str(probe), TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+        "sft", "--model_name_or_path", str(tiny_model), "--train_file_dir", str(folder), "--output_dir",
+        str(tmp_path / "out"), "--replay_ratio", "0.5", "--replay_prompts", str(prompts), "--replay_max_new_tokens",
+        "16", "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = [json.loads(line) for line in (probe / "rank0.generate.jsonl").read_text().splitlines()]
+    assert sum(c["prompts"] for c in calls) == 4
+    assert not (probe / "rank1.generate.jsonl").exists()  # rank 1 waited, then read rank 0's answers
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["data_stats"]["replay_samples"] == 4

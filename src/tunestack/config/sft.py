@@ -56,7 +56,10 @@ class SupervisedDataArguments:
     )
     replay_prompts: str | None = field(
         default=None,
-        metadata={"help": "Prompts for --replay_ratio (.txt lines or jsonl); default: 240 built-in EN/ZH questions."},
+        metadata={
+            "help": "Prompts for --replay_ratio (.txt lines or jsonl; every sixth is kept out for eval's drift probe); "
+            "default: 240 built-in English and Chinese general questions."
+        },
     )
     replay_max_new_tokens: int = field(
         default=256, metadata={"help": "Longest replay answer; answers cut at this length are not used."}

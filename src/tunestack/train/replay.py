@@ -147,8 +147,8 @@ def mix_replay(ctx: Any, train: list[Conversation]) -> tuple[list[Conversation],
     batch = max(1, d.replay_batch_size)
     position = 0
     while len(chosen) < wanted and position < len(order):
-        # Take as many prompts as are still needed (a batch at least); generate the ones the cache lacks.
-        step = [pool[i] for i in order[position : position + max(batch, wanted - len(chosen))]]
+        # Take as many prompts as answers are still needed; generate the ones the cache lacks (in batches).
+        step = [pool[i] for i in order[position : position + wanted - len(chosen)]]
         position += len(step)
         missing = [it for it in step if _prompt_key(it, d.system_prompt) not in cache.entries]
         if missing:
