@@ -5,8 +5,8 @@ seed) with letter scoring on the real SmolLM2-135M-Instruct, each in its own sub
 
   (a) one-at-a-time  what LLaMA-Factory's evaluator does per question, one question per forward: the 5-shot prompt
                      tokenized, a full forward (logits at every position), the letters' logits at the last one
-  (b) tunestack      `tunestack eval --benchmark_dir DIR --n_shot 5` run in-process: left-padded batches of
-                     --batch_size prompts sorted by length, only the last position's logits computed
+  (b) tunestack      `tunestack eval --benchmark_dir DIR --n_shot 5` run in-process: batches of --batch_size
+                     prompts sorted by length, right padded, only the last position's logits computed
 
 Questions/s = questions ÷ the seconds spent scoring (model loading excluded; (b) times its scoring call inside the
 real command). Both systems' predictions are compared: they agree except where a letter's token without a space

@@ -125,11 +125,12 @@ def test_bad_benchmark_files_name_file_and_line(tmp_path, cli):
 
 
 def test_repeated_benchmark_dir_flags_add_up():
-    assert join_repeated(["--benchmark_dir", "a", "--n_shot", "0", "--benchmark_dir=b"], "--benchmark_dir") == [
+    argv = ["--benchmark_dir", "a", "--n_shot", "0", "--benchmark-dir=b", "--benchmark_dir", "c"]
+    assert join_repeated(argv, "--benchmark_dir") == [
         "--n_shot",
         "0",
         "--benchmark_dir",
-        "a,b",
+        "a,b,c",
     ]
 
 
@@ -153,7 +154,7 @@ def test_letter_scores_equal_a_direct_computation_with_padding(tmp_path, chat):
     scored, _ = score_benchmarks(chat, benches, "letter", n_shot=2, batch_size=3)  # 12 prompts of many lengths
     items = [(b, s, q) for b in benches for s in b.subjects for q in s.questions]
     lengths = [len(chat.encode(build_prompt(s, q, 2, b.lang, "letter"))) for b, s, q in items]
-    assert len(set(lengths)) > 8 and max(lengths) <= 256  # batches mix lengths (left padding); all fit the model
+    assert len(set(lengths)) > 8 and max(lengths) <= 256  # batches mix lengths (padding); all fit the model
     variants = letter_token_ids(chat.tokenizer, 4)
     for (b, s, q), got in zip(items, scored, strict=True):
         logprobs = _direct_next_logprobs(chat.model, chat.encode(build_prompt(s, q, 2, b.lang, "letter")))

@@ -86,7 +86,7 @@ class Benchmark:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _data_files(folder: Path) -> list[Path]:
+def data_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
@@ -114,7 +114,7 @@ def _csv_kind(first: list[str]) -> str:
 
 def detect_layout(folder: Path) -> str:
     """mmlu, ceval, cmmlu or generic; a folder mixing them is a DataError."""
-    files = _data_files(folder)
+    files = data_files(folder)
     if not files:
         raise DataError(f"--benchmark_dir {folder}: no .csv/.jsonl/.json question files")
     kinds: dict[str, Path] = {}
@@ -251,7 +251,7 @@ def read_benchmark(
         raise DataError(f"--benchmark_dir {folder} is not a folder")
     layout = detect_layout(folder)
     by_subject: dict[str, dict[str | None, list[Question]]] = {}
-    for path in _data_files(folder):
+    for path in data_files(folder):
         file_split, subject = _split_and_subject(path, folder)
         if layout == "generic":
             for record_subject, q in _generic_questions(path):
@@ -342,14 +342,15 @@ def build_prompt(subject: Subject, q: Question, n_shot: int, lang: str, method: 
 
 def join_repeated(argv: list[str], flag: str) -> list[str]:
     """`--flag a --flag b` -> `--flag a,b` (a repeated flag adds folders instead of replacing them)."""
+    spellings = (flag, flag[:2] + flag[2:].replace("_", "-"))
     values, out, i = [], [], 0
     while i < len(argv):
         tok = argv[i]
-        if tok == flag and i + 1 < len(argv):
+        if tok in spellings and i + 1 < len(argv):
             values.append(argv[i + 1])
             i += 2
             continue
-        if tok.startswith(flag + "="):
+        if tok.split("=", 1)[0] in spellings and "=" in tok:
             values.append(tok.split("=", 1)[1])
         else:
             out.append(tok)

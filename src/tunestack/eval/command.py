@@ -272,7 +272,7 @@ def run_eval(args: EvalArguments, bench: BenchmarkArguments, gen: GenerationArgu
 
     from tunestack.data.sources import fingerprint_files
 
-    data_files = [*text_files, *([Path(args.eval_file)] if args.eval_file else [])]
+    data_files = [*text_files, *([Path(args.eval_file)] if args.eval_file else []), *suite.files]
     output.begin(
         {
             "base_model": models[0][1],

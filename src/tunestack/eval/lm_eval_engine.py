@@ -25,11 +25,9 @@ from tunestack.eval.mcq import Scored
 
 
 def available() -> bool:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from importlib.util import find_spec
+
+    return find_spec("lm_eval") is not None
 
 
 def _docs(questions: Sequence[Question], lang: str, method: str) -> list[dict[str, Any]]:

@@ -1,8 +1,10 @@
 """Batched log-likelihoods of token sequences: next-token log-probs and log-probs of continuations.
 
-Rows are left padded with position ids counted from each row's first real token, so a padded row gets the
-logits it would get alone; only the last positions' logits are computed (`logits_to_keep`) where the model
-takes it, so the full-vocabulary logits of long prompts are never held. Rows are batched longest first.
+Rows are right padded and run without an attention mask: in a causal model a real token attends only to the
+tokens before it, which are all real, so every row gets exactly the logits it would get alone (and attention
+takes the fused causal path). Only the positions asked for go through the output layer (`logits_to_keep` with
+those positions) where the model takes it, so the full-vocabulary logits of long prompts are never held.
+Rows are batched longest first.
 """
 
 from __future__ import annotations
@@ -21,22 +23,25 @@ def _accepts(model: Any, name: str) -> bool:
         return False
 
 
-def tail_logprobs(model: Any, rows: Sequence[Sequence[int]], keep: int, pad_id: int) -> Any:
-    """log-softmax (float32) of the logits at the last `keep` positions of every row: [rows, keep, vocab]."""
+def positions_logprobs(
+    model: Any, rows: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], pad_id: int
+) -> list:
+    """For each row, the log-softmax (float32) of the logits at its `positions`: a [len(positions), vocab] tensor."""
     import torch
 
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    if _accepts(model, "position_ids"):
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], device=device)
+    needed = sorted({p for ps in positions for p in ps})
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
     if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = keep
+        kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
+        column = {p: j for j, p in enumerate(needed)}
+    else:
+        column = {p: p for p in needed}
     with torch.inference_mode():
-        logits = model(**kwargs).logits[:, -keep:]
-    return logits.float().log_softmax(-1)
+        logits = model(**kwargs).logits
+    return [logits[i, [column[p] for p in ps]].float().log_softmax(-1) for i, ps in enumerate(positions)]
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -55,10 +60,10 @@ def next_token_logprobs(
     """log P(token | prompt) of each of `token_ids` after each prompt, in prompt order."""
     out: list[list[float]] = [[] for _ in prompts]
     for batch in _batches([len(p) for p in prompts], batch_size):
-        logprobs = tail_logprobs(model, [prompts[i] for i in batch], 1, pad_id)[:, -1]
-        picked = logprobs[:, list(token_ids)].tolist()
-        for i, row in zip(batch, picked, strict=True):
-            out[i] = row
+        rows = [prompts[i] for i in batch]
+        logprobs = positions_logprobs(model, rows, [[len(r) - 1] for r in rows], pad_id)
+        for i, lp in zip(batch, logprobs, strict=True):
+            out[i] = lp[0, list(token_ids)].tolist()
         if progress is not None:
             progress(len(batch))
     return out
@@ -73,32 +78,28 @@ def continuation_logprobs(
     progress: Progress = None,
 ) -> list[list[float]]:
     """Per-token log P(continuation token | context + earlier continuation tokens) for each pair, in order."""
+    import torch
+
     if any(not c for c in continuations):
         raise ValueError("every continuation needs at least one token")
     rows = [list(ctx) + list(cont) for ctx, cont in zip(contexts, continuations, strict=True)]
     out: list[list[float]] = [[] for _ in rows]
     for batch in _batches([len(r) for r in rows], batch_size):
-        keep = max(len(continuations[i]) for i in batch) + 1
-        logprobs = tail_logprobs(model, [rows[i] for i in batch], keep, pad_id)
-        for j, i in enumerate(batch):
-            cont = list(continuations[i])
-            # logits at position t predict token t+1: the continuation's tokens are predicted by the positions
-            # just before each of them, i.e. the last len(cont)+1 positions but the final one.
-            predicting = logprobs[j, keep - len(cont) - 1 : keep - 1]
-            out[i] = predicting.gather(-1, _column(cont, predicting.device)).squeeze(-1).tolist()
+        # The logits at position t predict token t + 1: a continuation of n tokens ending a row of length L is
+        # predicted by the positions L-n-1 .. L-2.
+        wanted = [list(range(len(rows[i]) - len(continuations[i]) - 1, len(rows[i]) - 1)) for i in batch]
+        logprobs = positions_logprobs(model, [rows[i] for i in batch], wanted, pad_id)
+        for i, lp in zip(batch, logprobs, strict=True):
+            targets = torch.tensor(list(continuations[i]), device=lp.device).unsqueeze(-1)
+            out[i] = lp.gather(-1, targets).squeeze(-1).tolist()
         if progress is not None:
             progress(len(batch))
     return out
 
 
-def _column(ids: list[int], device: Any) -> Any:
-    import torch
-
-    return torch.tensor(ids, device=device).unsqueeze(-1)
-
-
 def pad_id_of(tokenizer: Any, stop_ids: Sequence[int] = ()) -> int:
-    """The id padded rows use (any id works under the attention mask; the pad token when there is one)."""
+    """The id padded rows use (any id works: padding comes after every real token; the pad token when there is
+    one)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, *stop_ids):
         if candidate is not None:
             return int(candidate)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tunestack.eval.benchmarks import METHODS, Benchmark, read_benchmarks
+from tunestack.eval.benchmarks import METHODS, Benchmark, data_files, read_benchmarks
 from tunestack.eval.mcq import Scored, accuracy_rows, format_table, score_benchmarks
 
 ENGINES = ("tunestack", "lm_eval")
@@ -102,6 +103,11 @@ class BenchmarkSuite:
         self.rows: list[dict[str, Any]] = []
         self.scored: list[dict[str, Any]] = []
         self.notes = [note for b in self.benchmarks for note in b.notes]
+
+    @property
+    def files(self) -> list[Path]:
+        """The question files read (for the eval's data fingerprint)."""
+        return [p for b in self.benchmarks for p in data_files(b.path)]
 
     @property
     def active(self) -> bool:
