@@ -9,8 +9,9 @@ seed) with letter scoring on the real SmolLM2-135M-Instruct, each in its own sub
                      prompts sorted by length, right padded, only the last position's logits computed
 
 Questions/s = questions ÷ the seconds spent scoring (model loading excluded; (b) times its scoring call inside the
-real command). Both systems' predictions are compared: they agree except where a letter's token without a space
-decides (tunestack sums " A" and "A"; the loop takes "A"'s last token as LLaMA-Factory does).
+real command). The predictions are compared with the loop's, taken two ways: with the bare letters' tokens ("A",
+LLaMA-Factory's `tokenizer.encode(letter)[-1]`) and with the spaced ones (" A", what follows "Answer:" in the shots);
+tunestack sums both forms.
 
     python bench/eval_throughput.py                     # 240 questions, batch 8
     python bench/eval_throughput.py --questions 40      # a quick check
@@ -80,9 +81,10 @@ def child_one_at_a_time(spec: dict[str, Any]) -> dict[str, Any]:
 
     chat = _load(spec["model"])
     bench = read_benchmark(Path(spec["data"]))
-    letters = [chat.tokenizer.encode(ch, add_special_tokens=False)[-1] for ch in "ABCD"]
+    letters = [chat.tokenizer.encode(ch, add_special_tokens=False)[-1] for ch in "ABCD"]  # LLaMA-Factory's ids
+    spaced = [chat.tokenizer.encode(" " + ch, add_special_tokens=False)[-1] for ch in "ABCD"]
     device = next(chat.model.parameters()).device
-    predictions, tokens = [], 0
+    predictions, predictions_spaced, tokens = [], [], 0
     start = time.perf_counter()
     for subject in bench.subjects:
         for q in subject.questions:
@@ -91,10 +93,12 @@ def child_one_at_a_time(spec: dict[str, Any]) -> dict[str, Any]:
             with torch.inference_mode():
                 logits = chat.model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]
             predictions.append(int(torch.softmax(logits[letters].float(), -1).argmax()))
+            predictions_spaced.append(int(logits[spaced].argmax()))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "questions": len(predictions), "prompt_tokens": tokens, "predictions": predictions}
+    return {"seconds": seconds, "questions": len(predictions), "prompt_tokens": tokens, "predictions": predictions,
+            "predictions_spaced": predictions_spaced}  # fmt: skip
 
 
 def child_tunestack(spec: dict[str, Any]) -> dict[str, Any]:
@@ -165,17 +169,17 @@ def main() -> None:
             rows.append(row)
         by = {k: [r for r in rows if r["kind"] == k] for k in SYSTEMS.values()}
         base, ours = (common.median(by[k], "qps") for k in ("one-at-a-time", "tunestack"))
-        agree = sum(
-            a == b
-            for a, b in zip(by["tunestack"][0]["predictions"], by["one-at-a-time"][0]["predictions"], strict=True)
-        )
+        ours_pred, loop = by["tunestack"][0]["predictions"], by["one-at-a-time"][0]
+        agree = sum(a == b for a, b in zip(ours_pred, loop["predictions"], strict=True))
+        agree_spaced = sum(a == b for a, b in zip(ours_pred, loop["predictions_spaced"], strict=True))
         n = by["tunestack"][0]["questions"]
         tokens = by["one-at-a-time"][0]["prompt_tokens"] / n
         print(f"\n{n} questions, {args.n_shot}-shot, {tokens:.0f} prompt tokens on average; batch {args.batch_size}")
         print(
             f"tunestack eval: {ours:.2f} questions/s, one at a time: {base:.2f} questions/s: ratio x{ours / base:.2f}"
         )
-        print(f"predictions agree on {agree}/{n} questions")
+        print(f"predictions agree on {agree}/{n} questions with the loop's bare letters ('A', LLaMA-Factory's ids), "
+              f"on {agree_spaced}/{n} with its spaced letters (' A')")  # fmt: skip
         print(f"{common.load_line()} at the end")
         warning = common.load_warning(rows)
         if warning:

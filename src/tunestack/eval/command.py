@@ -2,7 +2,8 @@
 
 Several models can be evaluated side by side (`--model_name_or_path a,b,c`; by default the base model under the
 first one is added in front, labelled `base`), so one eval shows the before/after of a whole pipeline.
-OUTPUT_DIR gets eval.json (per-model metrics), predictions.jsonl (every answer, with its scores) and run.json.
+OUTPUT_DIR gets eval.json (per-model metrics, benchmark accuracies), predictions.jsonl (every answer, with its
+scores), benchmark_predictions.jsonl (every benchmark question's choice scores) and run.json.
 """
 
 from __future__ import annotations
@@ -318,11 +319,17 @@ def run_eval(args: EvalArguments, bench: BenchmarkArguments, gen: GenerationArgu
     output.finish(
         "complete",
         metrics={r["label"]: r["metrics"] for r in results},
-        summary={"seconds": seconds, "models": len(results), "prompts": len(items), "probes": len(probes)},
+        summary={
+            "seconds": seconds,
+            "models": len(results),
+            "prompts": len(items),
+            "probes": len(probes),
+            "benchmark_questions": suite.questions,
+        },
     )
     print(  # noqa: T201
         f"eval finished in {seconds:.0f}s: {len(results)} models, {len(items)} prompts, {len(probes)} probes, "
-        f"{len(docs)} documents\n{_summary_table(results)}\n"
+        f"{len(docs)} documents, {suite.questions} benchmark questions\n{_summary_table(results)}\n"
         + "".join(f"{line}\n" for line in [*suite.describe(), suite.table()] if line)
         + f"output: {args.output_dir} (eval.json, predictions.jsonl{', benchmark_predictions.jsonl' * bool(suite.scored)})"
     )

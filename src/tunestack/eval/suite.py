@@ -110,6 +110,10 @@ class BenchmarkSuite:
         return [p for b in self.benchmarks for p in data_files(b.path)]
 
     @property
+    def questions(self) -> int:
+        return sum(b.size for b in self.benchmarks)
+
+    @property
     def active(self) -> bool:
         return bool(self.benchmarks or self.drift)
 
