@@ -117,6 +117,7 @@ def test_bad_benchmark_files_name_file_and_line(tmp_path, cli):
     code, _, err = cli("eval", "--benchmark_dir", generic, "--output_dir", tmp_path / "out", "--probe_prompts", "none")
     assert code == 2
     assert err.strip().splitlines()[-1].endswith("quiz.jsonl:1: answer 'E' is not a letter AB, an index or a choice")
+    assert not (tmp_path / "out").exists()  # nothing half-written
     (tmp_path / "mixed").mkdir()
     sets.write_mmlu(tmp_path / "mixed" / "a")
     sets.write_cmmlu(tmp_path / "mixed" / "b")
