@@ -118,8 +118,10 @@ def score_with_lm_eval(
                 lls if method == "letter" else [ll / max(1, len(c)) for ll, c in zip(lls, doc["options"], strict=True)]
             )
             best = max(range(len(scores)), key=lambda c: scores[c])
-            if (best == doc["answer"]) != bool(sample[metric]):
-                best = doc["answer"] if sample[metric] else best  # the harness's own verdict decides ties
+            if bool(sample[metric]):  # the harness's own verdict decides ties
+                best = doc["answer"]
+            elif best == doc["answer"]:
+                best = next(c for c in range(len(scores)) if c != best and scores[c] == scores[best])
             scored.append(
                 Scored(bench.name, subject.name, doc["where"], doc["answer"], best, [round(x, 4) for x in scores])
             )
