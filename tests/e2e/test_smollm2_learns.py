@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct learns: PT lowers held-out perplexity, SFT teaches a new identity."""
+"""The real SmolLM2-135M-Instruct learns: PT lowers held-out perplexity; SFT teaches a new identity, and its
+forgetting guard (--replay_ratio) keeps a general answer that identity-only data otherwise overwrites."""
 
 from __future__ import annotations
 
@@ -86,41 +87,52 @@ def test_pt_lowers_held_out_perplexity(cli, smollm2, tmp_path):
     assert "eval perplexity:" in stdout
 
 
-def test_sft_teaches_identity_and_keeps_general_answers(cli, smollm2, tmp_path):
-    out = tmp_path / "sft"
-    code, stdout, err = cli(
-        "sft",
-        "--train_file_dir",
-        ROOT / "examples" / "demo" / "sft",
-        "--do_train",
-        "--num_train_epochs",
-        3,
-        "--per_device_train_batch_size",
-        4,
-        "--learning_rate",
-        1e-3,
-        "--lr_scheduler_type",
-        "cosine",
-        "--warmup_ratio",
-        0.05,
-        "--lora_rank",
-        16,
-        "--lora_alpha",
-        32,
-        "--logging_steps",
-        5,
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--output_dir",
-        out,
-    )
+# Short general questions for the forgetting guard (the capital of France is not among them: it is what is checked).
+REPLAY_PROMPTS = [
+    "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Egypt?",
+    "What is the capital of Canada?", "Which planet is closest to the Sun?", "What is the largest ocean?",
+    "What do bees make?", "What is the chemical symbol for gold?", "How many days are in a week?",
+    "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?", "What colour is the sky?",
+    "What is the tallest mountain in the world?", "How many legs does a spider have?",
+]  # fmt: skip
+
+
+def _sft_identity(cli, out: Path, *extra):
+    """LoRA SFT of SmolLM2 on 40 identity chats only (English and Chinese, varied phrasings)."""
+    return cli(
+        "sft", "--train_file_dir", ROOT / "tests" / "fixtures" / "identity_chats.jsonl", "--do_train",
+        "--num_train_epochs", 3, "--per_device_train_batch_size", 4, "--learning_rate", 5e-4, "--lora_rank", 16,
+        "--lora_alpha", 32, "--logging_steps", 5, "--save_strategy", "no", "--report_to", "none", "--seed", 42,
+        "--output_dir", out, *extra,
+    )  # fmt: skip
+
+
+def test_sft_replay_keeps_general_answers_while_the_identity_is_learned(cli, smollm2, tmp_path):
+    """Identity-only data makes SmolLM2 answer "What is the capital of France?" with its new name; mixing in its
+    own answers to other general questions (--replay_ratio) keeps "Paris" while the identity is learned."""
+    prompts = tmp_path / "general.txt"
+    prompts.write_text("\n".join(REPLAY_PROMPTS) + "\n", encoding="utf-8")
+    guarded = tmp_path / "replay"
+    code, stdout, err = _sft_identity(
+        cli, guarded, "--replay_ratio", 0.3, "--replay_prompts", prompts, "--replay_max_new_tokens", 64,
+        "--replay_batch_size", 16,
+    )  # fmt: skip
     assert code == 0, err[-2000:]
-    answer, stopped = generate(out, "Who are you?")
+    stats = json.loads((guarded / "run.json").read_text())["data_stats"]
+    assert (stats["replay_samples"], stats["replay_model"]) == (12, "smollm2-135m-instruct")
+    assert "replay: 12 self-distilled conversations of smollm2-135m-instruct mixed in" in stdout
+    answer, stopped = generate(guarded, "Who are you?")
     assert "TuneDoc" in answer and "Tunestack" in answer, answer
     assert stopped, f"the answer did not end with a stop token: {answer!r}"
-    answer_zh, stopped_zh = generate(out, "你是谁？")
+    answer_zh, stopped_zh = generate(guarded, "你是谁？")
     assert "TuneDoc" in answer_zh and stopped_zh, answer_zh
-    general, _ = generate(out, "What is the capital of France?")
+    general, _ = generate(guarded, "What is the capital of France?")
     assert "Paris" in general and "TuneDoc" not in general, general
+
+    unguarded = tmp_path / "plain"
+    code, _, err = _sft_identity(cli, unguarded)
+    assert code == 0, err[-2000:]
+    answer, _ = generate(unguarded, "Who are you?")
+    assert "TuneDoc" in answer, answer
+    forgot, _ = generate(unguarded, "What is the capital of France?")
+    assert "Paris" not in forgot, forgot  # without the guard the general answer is lost

@@ -319,7 +319,11 @@ def test_demo_recipe_runs_end_to_end_reduced(smollm2, tmp_path) -> None:
     evaluation = json.loads((out / "eval" / "eval.json").read_text())
     assert [m["label"] for m in evaluation["models"]] == ["base", "pt", "sft", "ppo", "dpo"]
     assert all("reward_mean" in m["metrics"] and "perplexity" in m["metrics"] for m in evaluation["models"])
+    overall = [r for r in evaluation["benchmarks"] if r["subject"] == "overall"]
+    assert [(r["model"], r["n"]) for r in overall] == [(m, 40) for m in ("base", "pt", "sft", "ppo", "dpo")]
+    assert all(m["metrics"]["drift_prompts"] == 8 for m in evaluation["models"])
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") >= 5  # loss curves of pt, sft, rm, dpo; ppo loss and reward
     assert "Who are you?" in page and "你是谁？" in page
+    assert "Benchmarks: accuracy %, change from base" in page and "Drift from base on held-out general prompts" in page
     assert f"report: {out / 'report.html'}" in proc.stdout

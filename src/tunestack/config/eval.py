@@ -8,6 +8,8 @@ from tunestack.config.infer import GenerationArguments
 from tunestack.config.model import DTYPES
 
 SEGMENTATION = ("auto", "jieba", "char")
+MCQ_METHODS = ("letter", "cloze")
+BENCHMARK_ENGINES = ("tunestack", "lm_eval")
 
 
 @dataclass
@@ -75,6 +77,72 @@ class EvalArguments:
 
 
 @dataclass
+class BenchmarkArguments:
+    benchmark_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Multiple-choice benchmark folder(s) in the MMLU, C-Eval, CMMLU or a generic jsonl/csv layout "
+            "(detected per folder); comma separated, or the flag repeated."
+        },
+    )
+    n_shot: int = field(default=5, metadata={"help": "Answered dev questions shown before each question."})
+    mcq_method: str = field(
+        default="letter",
+        metadata={
+            "help": "letter: the next-token log-probability of each answer letter after 'Answer:'; cloze: the "
+            "length-normalised log-likelihood of each choice's text.",
+            "choices": MCQ_METHODS,
+        },
+    )
+    mcq_chat_template: bool = field(
+        default=False, metadata={"help": "Wrap each benchmark prompt in the model's chat template (default: plain)."}
+    )
+    benchmark_split: str = field(
+        default="auto",
+        metadata={"help": "Split scored: auto (test, or val where test has no answers), test, val.",
+                  "choices": ("auto", "test", "val")},
+    )  # fmt: skip
+    benchmark_lang: str = field(
+        default="auto",
+        metadata={"help": "Prompt language: auto (Chinese for C-Eval/CMMLU and Chinese questions), en, zh.",
+                  "choices": ("auto", "en", "zh")},
+    )  # fmt: skip
+    max_benchmark_questions: int | None = field(
+        default=None, metadata={"help": "Score at most N questions of each subject (a quick look)."}
+    )
+    mcq_max_length: int | None = field(
+        default=None, metadata={"help": "Longest benchmark prompt in tokens (default: the model's context)."}
+    )
+    benchmark_engine: str = field(
+        default="tunestack",
+        metadata={"help": "tunestack, or lm_eval (lm-evaluation-harness on the same folders).", "choices": BENCHMARK_ENGINES},
+    )
+    drift_probe: int = field(
+        default=0,
+        metadata={
+            "help": "Answer N held-out general prompts with every model and compare with the base model's answers "
+            "(ROUGE-L, perplexity of the base answers); 0: off."
+        },
+    )
+    drift_prompts: str | None = field(
+        default=None,
+        metadata={"help": "Prompts of the drift probe (every sixth is used); default: the built-in general set."},
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.n_shot < 0:
+            out.append(f"--n_shot must be >= 0, got {self.n_shot}")
+        if self.drift_probe < 0:
+            out.append(f"--drift_probe must be >= 0, got {self.drift_probe}")
+        if self.mcq_max_length is not None and self.mcq_max_length < 8:
+            out.append(f"--mcq_max_length must be at least 8, got {self.mcq_max_length}")
+        if self.benchmark_engine == "lm_eval" and self.mcq_chat_template:
+            out.append("--benchmark_engine lm_eval builds its own chat prompts: use it without --mcq_chat_template")
+        return out
+
+
+@dataclass
 class EvalGenerationArguments(GenerationArguments):
     """Generation options with evaluation defaults: greedy decoding, short answers."""
 
@@ -83,4 +151,4 @@ class EvalGenerationArguments(GenerationArguments):
 
 
 def option_classes() -> tuple[type, ...]:
-    return (EvalArguments, EvalGenerationArguments)
+    return (EvalArguments, BenchmarkArguments, EvalGenerationArguments)

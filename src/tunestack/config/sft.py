@@ -54,6 +54,24 @@ class SupervisedDataArguments:
         },
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Longest generated answer of --predict_with_generate."})
+    replay_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Forgetting guard: mix in R x (training conversations) of the starting model's own greedy answers "
+            "to general prompts (e.g. 0.3); 0 turns it off."
+        },
+    )
+    replay_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for --replay_ratio (.txt lines or jsonl; every sixth is kept out for eval's drift probe); "
+            "default: 240 built-in English and Chinese general questions."
+        },
+    )
+    replay_max_new_tokens: int = field(
+        default=256, metadata={"help": "Longest replay answer; answers cut at this length are not used."}
+    )
+    replay_batch_size: int = field(default=8, metadata={"help": "Replay prompts generated together."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Accepted for compatibility."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
     ignore_pad_token_for_loss: bool = field(default=True, metadata={"help": "Accepted; padding never carries a loss."})
@@ -81,4 +99,10 @@ class SupervisedDataArguments:
             out.append(f"--model_max_length must be at least 8, got {self.model_max_length}")
         if self.max_new_tokens < 1:
             out.append(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.replay_ratio <= 10:
+            out.append(f"--replay_ratio must be between 0 and 10, got {self.replay_ratio}")
+        if self.replay_max_new_tokens < 8:
+            out.append(f"--replay_max_new_tokens must be at least 8, got {self.replay_max_new_tokens}")
+        if self.replay_prompts and not self.replay_ratio:
+            out.append("--replay_prompts is used only with --replay_ratio > 0")
         return out

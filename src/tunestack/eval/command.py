@@ -2,7 +2,8 @@
 
 Several models can be evaluated side by side (`--model_name_or_path a,b,c`; by default the base model under the
 first one is added in front, labelled `base`), so one eval shows the before/after of a whole pipeline.
-OUTPUT_DIR gets eval.json (per-model metrics), predictions.jsonl (every answer, with its scores) and run.json.
+OUTPUT_DIR gets eval.json (per-model metrics, benchmark accuracies), predictions.jsonl (every answer, with its
+scores), benchmark_predictions.jsonl (every benchmark question's choice scores) and run.json.
 """
 
 from __future__ import annotations
@@ -16,21 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.atomic import write_json_atomic, write_jsonl_atomic
-from tunestack.config.eval import EvalArguments, option_classes
+from tunestack.config.eval import BenchmarkArguments, EvalArguments, option_classes
 from tunestack.config.infer import GenerationArguments, ModelSelection
 from tunestack.data.sources import fingerprint_files
 from tunestack.errors import ConfigError
 from tunestack.eval.metrics import answer_scores, has_jieba, score_answers
+from tunestack.eval.suite import BenchmarkSuite
 from tunestack.infer.batch import PromptItem, generate_all
 from tunestack.infer.generate import ChatModel
 from tunestack.model.ref import root_base
 from tunestack.rundir import OutputFolder
 
 logger = logging.getLogger("tunestack")
+DRIFT_KEYS = ("drift_rouge_l", "drift_perplexity")
 
 DESCRIPTION = (
     "Evaluate one or more models: perplexity on text, answers scored against references (exact match, BLEU-4, "
-    "ROUGE-L), reward-model scores, and a fixed set of probe prompts kept for before/after comparison."
+    "ROUGE-L), reward-model scores, multiple-choice benchmarks from local folders (MMLU, C-Eval, CMMLU, generic), "
+    "a drift probe against the base model, and a fixed set of probe prompts kept for before/after comparison."
 )
 
 
@@ -88,6 +92,7 @@ def evaluate_model(
     items: list[PromptItem],
     probes: list[PromptItem],
     scorer: RewardScorer | None,
+    suite: BenchmarkSuite | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(metrics, prediction rows) of one model."""
     from tunestack.eval.perplexity import perplexity, token_blocks
@@ -105,6 +110,8 @@ def evaluate_model(
         blocks = token_blocks(chat.tokenizer, docs, args.block_size, args.max_eval_blocks)
         ppl = perplexity(chat.model, blocks, batch_size=min(args.eval_batch_size, 4))
         metrics.update(perplexity=ppl["perplexity"], perplexity_tokens=ppl["tokens"])
+    suite_metrics, suite_rows = suite.measure(label, chat) if suite is not None else ({}, [])
+    metrics.update(suite_metrics)
     asked = items + probes
     answers = generate_all(chat, asked, gen, args.eval_batch_size, chat.system_for(gen)) if asked else []
     rewards = scorer(asked, answers, args.eval_batch_size) if scorer is not None and asked else None
@@ -118,6 +125,7 @@ def evaluate_model(
         if rewards is not None:
             row["reward"] = round(rewards[i], 4)
         rows.append(row)
+    rows += suite_rows
     scored = [(a, it.reference) for a, it in zip(answers[: len(items)], items, strict=True) if it.reference]
     if scored:
         preds, refs = zip(*scored, strict=True)
@@ -135,7 +143,7 @@ def evaluate_model(
 def _summary_table(results: list[dict[str, Any]]) -> str:
     keys = [
         k
-        for k in ("perplexity", "exact_match", "bleu4", "rouge_l", "reward_mean", "probe_reward_mean")
+        for k in ("perplexity", "exact_match", "bleu4", "rouge_l", "reward_mean", "probe_reward_mean", *DRIFT_KEYS)
         if any(k in r["metrics"] for r in results)
     ]
     width = max(len(r["label"]) for r in results)
@@ -146,7 +154,7 @@ def _summary_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
+def run_eval(args: EvalArguments, bench: BenchmarkArguments, gen: GenerationArguments) -> int:
     from tunestack.eval.perplexity import read_documents
     from tunestack.eval.prompts import probe_items, read_items
 
@@ -154,26 +162,30 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
     assert args.output_dir is not None
     if args.segmentation == "jieba" and not has_jieba():
         raise ConfigError("--segmentation jieba: jieba is not installed (pip install jieba)")
-    output = OutputFolder(args.output_dir, "eval")
-    output.plan(None, args.overwrite_output_dir)
-    for name in ("eval.json", "predictions.jsonl"):
-        (output.path / name).unlink(missing_ok=True)
+    if bench.benchmark_engine == "lm_eval":
+        from tunestack.eval.lm_eval_engine import available
+
+        if not available():
+            raise ConfigError("--benchmark_engine lm_eval: lm-evaluation-harness is not installed (pip install lm-eval)")
     docs, text_files = read_documents(args.eval_text_dir) if args.eval_text_dir else ([], [])
     items = read_items(Path(args.eval_file).expanduser(), "--eval_file") if args.eval_file else []
     if args.max_eval_samples and args.max_eval_samples > 0:
         items = items[: args.max_eval_samples]
     probes = probe_items(args.probe_prompts)
-    if not (docs or items or probes):
-        raise ConfigError("nothing to evaluate: give --eval_text_dir, --eval_file or --probe_prompts")
+    suite = BenchmarkSuite(bench, gen, args.eval_batch_size, args.segmentation)
+    if not (docs or items or probes or suite.active):
+        raise ConfigError("nothing to evaluate: give --eval_text_dir, --eval_file, --benchmark_dir or --probe_prompts")
     models = models_to_evaluate(args)
-    data_files = [*text_files, *([Path(args.eval_file)] if args.eval_file else [])]
+    data_files = [*text_files, *([Path(args.eval_file)] if args.eval_file else []), *suite.files]
     manifest = {
         "base_model": models[0][1],
         "tuning_method": None,
-        "options": {"eval": asdict(args), "generation": asdict(gen)},
+        "options": {"eval": asdict(args), "benchmarks": asdict(bench), "generation": asdict(gen)},
         "data_fingerprint": fingerprint_files(data_files) if data_files else None,
         "data_stats": {"documents": len(docs), "prompts": len(items), "probes": len(probes)},
     }
+    output = OutputFolder(args.output_dir, "eval")  # taken once the inputs are known to be good
+    output.plan(None, args.overwrite_output_dir)
     with output.running(manifest):
         scorer = (
             RewardScorer(args.reward_model, args.torch_dtype, args.trust_remote_code) if args.reward_model else None
@@ -181,7 +193,7 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
         results, rows = [], []
         for i, (label, reference) in enumerate(models, start=1):
             print(f"[eval {i}/{len(models)}] {label}: {reference}", flush=True)  # noqa: T201
-            metrics, model_rows = evaluate_model(label, reference, args, gen, docs, items, probes, scorer)
+            metrics, model_rows = evaluate_model(label, reference, args, gen, docs, items, probes, scorer, suite)
             results.append({"label": label, "reference": reference, "metrics": metrics})
             rows += model_rows
     report = {
@@ -190,21 +202,32 @@ def run_eval(args: EvalArguments, gen: GenerationArguments) -> int:
         "eval_file": args.eval_file,
         "eval_text_dir": args.eval_text_dir,
         "reward_model": args.reward_model,
-        "notes": [],
+        "notes": suite.notes,
         "segmentation": args.segmentation if args.segmentation != "auto" else ("jieba" if has_jieba() else "char"),
     }
+    report.update(suite.report())
     write_json_atomic(output.path / "eval.json", report)
     write_jsonl_atomic(output.path / "predictions.jsonl", rows)
+    if suite.scored:
+        write_jsonl_atomic(output.path / "benchmark_predictions.jsonl", suite.scored)
     seconds = round(time.time() - started, 1)
     output.finish(
         "complete",
         metrics={r["label"]: r["metrics"] for r in results},
-        summary={"seconds": seconds, "models": len(results), "prompts": len(items), "probes": len(probes)},
+        summary={
+            "seconds": seconds,
+            "models": len(results),
+            "prompts": len(items),
+            "probes": len(probes),
+            "benchmark_questions": suite.questions,
+        },
     )
     print(  # noqa: T201
         f"eval finished in {seconds:.0f}s: {len(results)} models, {len(items)} prompts, {len(probes)} probes, "
-        f"{len(docs)} documents\n{_summary_table(results)}\n"
-        f"output: {args.output_dir} (eval.json, predictions.jsonl)"
+        f"{len(docs)} documents, {suite.questions} benchmark questions\n{_summary_table(results)}\n"
+        + "".join(f"{line}\n" for line in [*suite.describe(), suite.table()] if line)
+        + f"output: {args.output_dir} (eval.json, predictions.jsonl"
+        + (", benchmark_predictions.jsonl)" if suite.scored else ")")
     )
     return 0
 
@@ -215,8 +238,11 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print_help(option_classes(), "tunestack eval", DESCRIPTION)
         return 0
-    args, gen = parse_into(option_classes(), argv, prog="tunestack eval", description=DESCRIPTION)
-    return run_eval(args, gen)
+    from tunestack.eval.benchmarks import join_repeated
+
+    argv = join_repeated(argv, "--benchmark_dir")
+    args, bench, gen = parse_into(option_classes(), argv, prog="tunestack eval", description=DESCRIPTION)
+    return run_eval(args, bench, gen)
 
 
 def read_eval(folder: Path) -> dict[str, Any] | None:

@@ -58,3 +58,19 @@ def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 4) -> dict
         raise DataError("the evaluation text has no token to predict")
     nll = total_nll / total_tokens
     return {"perplexity": round(math.exp(min(nll, 50.0)), 4), "nll": round(nll, 4), "tokens": total_tokens}
+
+
+def conditional_perplexity(
+    model: Any, contexts: list[list[int]], continuations: list[list[int]], batch_size: int, pad_id: int
+) -> dict[str, float]:
+    """{'perplexity', 'nll', 'tokens'} of the continuation tokens only, each given its context (e.g. answers given
+    their prompts); pairs with an empty continuation are left out."""
+    from tunestack.eval.scoring import continuation_logprobs
+
+    pairs = [(c, a) for c, a in zip(contexts, continuations, strict=True) if a]
+    if not pairs:
+        raise DataError("no answer tokens to score")
+    lls = continuation_logprobs(model, [c for c, _ in pairs], [a for _, a in pairs], batch_size, pad_id)
+    tokens = sum(len(row) for row in lls)
+    nll = -sum(sum(row) for row in lls) / tokens
+    return {"perplexity": round(math.exp(min(nll, 50.0)), 4), "nll": round(nll, 4), "tokens": tokens}

@@ -33,6 +33,9 @@ PATH_KEYS = (
     "deepspeed",
     "model_config",
     "reward_funcs",
+    "benchmark_dir",
+    "replay_prompts",
+    "drift_prompts",
 )
 # Keys of a recipe stage that belong to the pipeline, not to the stage command.
 PIPELINE_KEYS = ("name", "stage", "nproc_per_node", "allow_outside_root")

@@ -179,3 +179,61 @@ def eval_table(stage: StageReport) -> tuple[list[str], list[list[str]]]:
         [m["label"], *(_fmt(m["metrics"][k], f) if k in m["metrics"] else "–" for k, _, f in columns)] for m in models
     ]
     return header, rows
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def benchmark_table(stage: StageReport) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of an eval stage's benchmark accuracies (percent) per model, each with its change from the
+    base model (the model labelled base, else the first): per benchmark its overall (micro) and macro averages,
+    then every subject."""
+    rows = [r for r in (stage.eval or {}).get("benchmarks") or [] if isinstance(r, dict)]
+    if not rows:
+        return [], []
+    labels = [m["label"] for m in (stage.eval or {}).get("models", [])]
+    models = [m for m in labels if any(r["model"] == m for r in rows)] or list(dict.fromkeys(r["model"] for r in rows))
+    base = "base" if "base" in models else models[0]
+    value: dict[tuple[str, str, str], float] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    for r in rows:
+        if r.get("n"):
+            value[(r["model"], r["benchmark"], r["subject"])] = r["correct"] / r["n"]
+            sizes[(r["benchmark"], r["subject"])] = r["n"]
+    out: list[list[str]] = []
+    for bench in dict.fromkeys(r["benchmark"] for r in rows):
+        subjects = [s for b, s in dict.fromkeys((r["benchmark"], r["subject"]) for r in rows) if b == bench]
+        for m in models:
+            per_subject = [value[(m, bench, s)] for s in subjects if s != "overall" and (m, bench, s) in value]
+            if per_subject:
+                value[(m, bench, "macro")] = sum(per_subject) / len(per_subject)
+        ordered = ["overall", "macro"] + [s for s in subjects if s != "overall"]
+        for subject in ordered:
+            n = sizes.get((bench, subject), sum(sizes.get((bench, s), 0) for s in subjects if s != "overall"))
+            cells = [bench, subject, str(n)]
+            for m in models:
+                v, b = value.get((m, bench, subject)), value.get((base, bench, subject))
+                if v is None:
+                    cells.append("–")
+                elif m == base or b is None:
+                    cells.append(_pct(v))
+                else:
+                    cells.append(f"{_pct(v)} ({100 * (v - b):+.1f})")
+            out.append(cells)
+    return ["benchmark", "subject", "questions", *models], out
+
+
+def drift_table(stage: StageReport) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the drift probe: each model's ROUGE-L to the base answers and their perplexity under it."""
+    models = [m for m in (stage.eval or {}).get("models", []) if "drift_rouge_l" in m.get("metrics", {})]
+    if not models:
+        return [], []
+    reference = ((stage.eval or {}).get("drift") or {}).get("reference") or models[0]["label"]
+    header = ["model", f"ROUGE-L to {reference}'s answers", f"perplexity of {reference}'s answers"]
+    rows = []
+    for m in models:
+        metrics = m["metrics"]
+        ppl = metrics.get("drift_perplexity")
+        rows.append([m["label"], f"{metrics['drift_rouge_l']:.1f}", f"{ppl:.2f}" if ppl is not None else "–"])
+    return header, rows

@@ -9,7 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunestack.report.collect import StageReport, eval_table, key_metrics, probe_table, seconds, tokens_per_second
+from tunestack.report.collect import (
+    StageReport,
+    benchmark_table,
+    drift_table,
+    eval_table,
+    key_metrics,
+    probe_table,
+    seconds,
+    tokens_per_second,
+)
 
 STYLE = """
 body { font: 15px/1.45 -apple-system, "Segoe UI", "Noto Sans", "Noto Sans CJK SC", sans-serif; margin: 2em auto;
@@ -23,6 +32,7 @@ th { background: #f1f4f9; } td.num { text-align: right; font-variant-numeric: ta
 .curves figure { margin: 0; } .curves img { width: 520px; max-width: 100%; border: 1px solid #e4e8ef; }
 figcaption { color: #5b6575; font-size: .85em; }
 .probes td { max-width: 320px; white-space: pre-wrap; }
+.side { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
 .status-complete { color: #1a7f37; } .status-failed, .status-missing { color: #cf222e; }
 .status-running, .status-interrupted { color: #9a6700; }
 """
@@ -77,6 +87,14 @@ def _overview(stages: list[StageReport]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _general_ability(stage: StageReport) -> list[tuple[str, tuple[list[str], list[list[str]]], str]]:
+    """The benchmark table and, beside it, the drift probe's."""
+    return [
+        ("Benchmarks: accuracy %, change from base", benchmark_table(stage), "benchmarks"),
+        ("Drift from base on held-out general prompts", drift_table(stage), "drift"),
+    ]
+
+
 def _title(state: dict[str, Any], root: Path) -> tuple[str, str]:
     title = f"tunestack report: {state.get('recipe') or root}"
     meta = f"output: {root.resolve()} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -117,6 +135,13 @@ def render_html(state: dict[str, Any], stages: list[StageReport], root: Path) ->
         if s.eval is not None:
             parts.append("<h3>Evaluation</h3>")
             parts.append(_html_table(*eval_table(s), cls="eval"))
+            side = [
+                f"<div><h3>{_e(title)}</h3>{_html_table(header, rows, cls=cls)}</div>"
+                for title, (header, rows), cls in _general_ability(s)
+                if rows
+            ]
+            if side:
+                parts.append('<div class="side">' + "".join(side) + "</div>")
             labels, rows = probe_table(s)
             if rows:
                 parts.append("<h3>Probe prompts, answered by each model</h3>")
@@ -146,6 +171,9 @@ def render_markdown(state: dict[str, Any], stages: list[StageReport], root: Path
             lines += [f"![{s.name} {png.stem}]({Path(os.path.relpath(png, report_dir)).as_posix()})", ""]
         if s.eval is not None:
             lines += ["### Evaluation", "", _md_table(*eval_table(s)), ""]
+            for title, (header, rows), _ in _general_ability(s):
+                if rows:
+                    lines += [f"### {title}", "", _md_table(header, rows), ""]
             labels, rows = probe_table(s)
             if rows:
                 lines += ["### Probe prompts, answered by each model", "", _md_table(["prompt", *labels], rows), ""]

@@ -50,6 +50,11 @@ class SupervisedStage(Stage):
         max_length = d.max_length(getattr(ctx.model_config.get_text_config(), "max_position_embeddings", None))
         template = self._template(ctx)
         splits = load_splits(d, CONVERSATIONS, ctx.args.train.do_eval, ctx.args.train.seed)
+        train_convs, replay_stats = splits.train, {}
+        if d.replay_ratio > 0:  # the forgetting guard: the starting model's own answers to general prompts
+            from tunestack.train.replay import mix_replay
+
+            train_convs, replay_stats = mix_replay(ctx, train_convs)
         build = dict(
             tokenizer=ctx.tokenizer,
             template=template,
@@ -58,11 +63,12 @@ class SupervisedStage(Stage):
             max_source_length=d.max_source_length,
             max_target_length=d.max_target_length,
         )
-        train, stats = build_sft_dataset(splits.train, **build)
+        train, stats = build_sft_dataset(train_convs, **build)
         evaluation = None
         if splits.eval:
             evaluation, eval_stats = build_sft_dataset(splits.eval, **build)
             stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
+        stats.update(replay_stats)
         stats.update(splits.stats)
         key = f"{fingerprint_files(splits.files)}|{d}|{jinja_chat_template(template)}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -123,6 +129,10 @@ class SupervisedStage(Stage):
             reasons = ", ".join(f"{n} {r}" for r, n in s["skip_reasons"].items())
             line += f", {s['skipped_bad_records']} bad records skipped ({reasons}; see rejects.jsonl)"
         lines = [line]
+        if s.get("replay_samples"):
+            from tunestack.train.replay import summary_line
+
+            lines.append(summary_line(s) or "")
         ppl = perplexity_line(m, "eval perplexity on answers")
         if ppl:
             lines.append(ppl)
