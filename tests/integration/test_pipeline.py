@@ -111,6 +111,7 @@ def test_recipe_runs_every_stage_and_writes_a_report(finished: Path) -> None:
     assert page.count("data:image/png;base64,") == 2  # pt and sft loss curves
     assert (out / "report.md").is_file()
     assert "report: out/report.html" in log and "pipeline complete" in log
+    assert "serve the last model: tunestack serve --model out/merged" in log
 
 
 def test_second_run_skips_every_stage(finished: Path, cli, monkeypatch) -> None:

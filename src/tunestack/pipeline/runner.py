@@ -169,6 +169,9 @@ def run_steps(recipe: Recipe, steps: list[Step], report: bool = True) -> int:
     if status == "complete":
         _say(f"pipeline complete in {time.time() - started:.0f}s; outputs under {recipe.output_root}")
         _say(before_after(steps))
+        policies = [s for s in steps if s.spec.makes_policy]
+        if policies:
+            _say(f"serve the last model: tunestack serve --model {policies[-1].spec.output_dir}")
     return code
 
 
