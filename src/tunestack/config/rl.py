@@ -33,6 +33,14 @@ class RLArguments:
     )
     data_format: str = field(default="auto", metadata={"help": "Format of SFT-style prompt files."})
     template_name: str | None = field(default=None, metadata={"help": "Chat template (default: the tokenizer's own)."})
+    tool_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How tools, calls and results are written: auto (the chat template's own tool support, else "
+            "default), default (Action: / Action Input: lines, as MedicalGPT), qwen, glm4 or llama3; saved with "
+            "the model's chat template."
+        },
+    )
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt for prompts without one."})
     batch_size: int = field(default=8, metadata={"help": "Prompts rolled out per step and process."})
     mini_batch_size: int = field(default=2, metadata={"help": "PPO minibatch size."})
@@ -80,7 +88,9 @@ class RLArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub datasets are not fetched; use local files."})
 
     def problems(self) -> list[str]:
-        out = []
+        from tunestack.data.tool_formats import tool_format_problems
+
+        out = tool_format_problems(self.tool_format)
         if not self.train_file_dir:
             out.append("--train_file_dir is required")
         if not self.reward_model and not self.reward_funcs:

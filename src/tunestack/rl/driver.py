@@ -70,7 +70,7 @@ class PPORun:
         self.data = data
         self.record = record  # written into every checkpoint's marker (see train/resume.py)
         self.out_dir = Path(args.train.output_dir)
-        self.template = get_template(args.data.template_name, ctx.tokenizer)
+        self.template = get_template(args.data.template_name, ctx.tokenizer, args.data.tool_format)
         functions = build_reward_functions(args.data.reward_model, args.data.reward_funcs)
 
         def reward(prompts: list[str], completions: list[str], completions_with_stop: list[str]) -> list[float]:

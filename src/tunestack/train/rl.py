@@ -50,7 +50,7 @@ class RLStage(Stage):
 
     def _encoder(self, ctx: StageContext) -> PromptEncoder:
         return PromptEncoder(
-            ctx.tokenizer, get_template(ctx.args.data.template_name, ctx.tokenizer), ctx.args.data.max_source_length
+            ctx.tokenizer, get_template(ctx.args.data.template_name, ctx.tokenizer, ctx.args.data.tool_format), ctx.args.data.max_source_length
         )
 
     def fit(
@@ -105,7 +105,7 @@ class RLStage(Stage):
         return {"processing_class": ctx.tokenizer, "reward_funcs": build_reward_functions(d.reward_model, d.reward_funcs)}
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
-        template = get_template(ctx.args.data.template_name, ctx.tokenizer)
+        template = get_template(ctx.args.data.template_name, ctx.tokenizer, ctx.args.data.tool_format)
         save_chat_files(ctx.tokenizer, template, ctx.ref.base_dir if ctx.ref else None, output_dir)
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
