@@ -70,6 +70,13 @@ def _calls(turn: dict[str, Any], raw_role: str, i: int, key: str) -> tuple[ToolC
         raise ValueError(bad.message) from None
 
 
+def _tools(data: dict[str, Any]) -> tuple[Tool, ...]:
+    try:
+        return parse_tools(data.get("tools"))
+    except RecordProblem as bad:
+        raise ValueError(bad.message) from None
+
+
 def _from_turns(data: dict[str, Any], key: str, where: str) -> PromptItem:
     turns = data[key]
     if not isinstance(turns, list) or not turns:
@@ -93,10 +100,7 @@ def _from_turns(data: dict[str, Any], key: str, where: str) -> PromptItem:
             messages[-1]["content"] += "\n" + content  # two turns of one role in a row: joined
         else:
             messages.append({"role": role, "content": content, **({"tool_calls": list(calls)} if calls else {})})
-    try:
-        tools = parse_tools(data.get("tools"))
-    except RecordProblem as bad:
-        raise ValueError(bad.message) from None
+    tools = _tools(data)
     if messages and messages[-1]["role"] == "tool":  # tool results to answer from: the prompt as it stands
         return PromptItem(messages, system, where, None, tools)
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
@@ -127,7 +131,7 @@ def _from_fields(data: dict[str, Any], where: str) -> PromptItem | None:
                 raise ValueError("'history' must be a list of [question, answer] pairs")
         messages.append({"role": "user", "content": prompt})
         reference = next((_text(data.get(k)) for k in REFERENCE_KEYS if _text(data.get(k))), None)
-        return PromptItem(messages, _system(data), where, reference)
+        return PromptItem(messages, _system(data), where, reference, _tools(data))
     return None
 
 
