@@ -29,9 +29,10 @@ class Answer:
 
     system: str | None
     prompt: tuple[Message, ...]
-    text: str
+    text: str | Message
     row: int
     key: str
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 def _file_is_preference(path: Path, data_format: str) -> bool:
@@ -50,11 +51,16 @@ def collect(files: list[Path], args: ScoreArguments) -> tuple[list[dict[str, Any
     problems: list[str] = []
 
     def add(
-        system: str | None, prompt: tuple[Message, ...], where: str, texts: dict[str, str], extra: dict[str, Any]
+        system: str | None,
+        prompt: tuple[Message, ...],
+        where: str,
+        texts: dict[str, str | Message],
+        extra: dict[str, Any],
+        tools: tuple[dict[str, Any], ...] = (),
     ) -> None:
         system = system or args.system_prompt
         rows.append({"where": where, "prompt": prompt[-1].content, **extra})
-        answers.extend(Answer(system, prompt, text, len(rows) - 1, key) for key, text in texts.items())
+        answers.extend(Answer(system, prompt, text, len(rows) - 1, key, tools) for key, text in texts.items())
 
     for path in files:
         try:
@@ -63,21 +69,22 @@ def collect(files: list[Path], args: ScoreArguments) -> tuple[list[dict[str, Any
                 problems += [f"{r['where']}: {r['reason']}" for r in loaded.rejects]
                 for item in loaded.items:
                     if isinstance(item, PreferencePair):
-                        texts = {"score_chosen": item.chosen, "score_rejected": item.rejected}
-                        add(item.system, item.prompt_messages, item.origin, texts, {})
+                        texts = {"score_chosen": item.chosen_message, "score_rejected": item.rejected_message}
+                        add(item.system, item.prompt_messages, item.origin, texts, {}, item.tools)
                     elif isinstance(item, KTOSample):
                         add(
                             item.system,
                             item.prompt_messages,
                             item.origin,
-                            {"score": item.completion},
+                            {"score": item.completion_message},
                             {"label": item.desirable},
+                            item.tools,
                         )
             else:
                 convs = load_conversations([path], "auto", args.skip_bad_records)
                 problems += [f"{r['where']}: {r['reason']}" for r in convs.rejects]
                 for conv in convs.items:
-                    add(conv.system, conv.messages[:-1], conv.origin, {"score": conv.messages[-1].content}, {})
+                    add(conv.system, conv.messages[:-1], conv.origin, {"score": conv.messages[-1]}, {}, conv.tools)
         except DataError as exc:
             problems += exc.problems
     return rows, answers, problems
@@ -107,7 +114,7 @@ def main(argv: list[str]) -> int:
         model,
         tokenizer,
         template,
-        [(a.system, a.prompt) for a in answers],
+        [(a.system, a.prompt, a.tools) for a in answers],
         [a.text for a in answers],
         batch_size=args.batch_size,
         max_length=args.max_length,

@@ -132,8 +132,16 @@ BAD_REQUESTS = [
     ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}]}]}, 400, None,
      "messages[0]: content of type 'image_url' is not supported (text only)"),
-    ({"model": "tiny", "messages": ask(), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None,
-     "'tools' is not supported by this server"),
+    ({"model": "tiny", "messages": ask(), "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "required"}, 400, None, "tool_choice 'required' is not supported (auto or none)"),
+    ({"model": "tiny", "messages": ask(), "tools": [{"type": "function", "function": {"description": "f"}}]}, 400,
+     None, "'tools' must be a list of function schemas ({\"name\", \"description\", \"parameters\"}); tools[1] has no 'name'"),
+    ({"model": "tiny", "messages": [*ask(), {"role": "tool", "content": "42"}]}, 400, None,
+     "messages[1] is a tool result (observation) with no tool call (function_call) before it"),
+    ({"model": "tiny", "messages": [*ask(), {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]},
+        {"role": "tool", "content": "42"}]}, 400, None,
+     "messages[1].tool_calls 'arguments' is not JSON (Expecting property name enclosed in double quotes at column 2)"),
     ({"model": "tiny", "messages": ask() * 300}, 400, None, "at most 256 messages per request"),
     ({"model": "tiny", "messages": ask(), "max_tokens": 300}, 400, "context_length_exceeded",
      "This model's maximum context length is 256 tokens; the messages have 22 tokens and 300 more were asked for"),
@@ -173,10 +181,10 @@ def test_an_unexpected_failure_is_a_500_without_traceback(glm4_server, monkeypat
     chat_model = glm4_server.models["tiny"].chat_model
     original = chat_model.render
 
-    def render(messages, system=None):
+    def render(messages, system=None, tools=()):
         if messages[-1]["content"] == "boom":
             raise RuntimeError("secret detail of the server")
-        return original(messages, system)
+        return original(messages, system, tools)
 
     monkeypatch.setattr(chat_model, "render", render)
     response = httpx.post(f"{glm4_server.url}/v1/chat/completions", json={"model": "tiny", "messages": ask("boom")})

@@ -199,7 +199,7 @@ def test_more_record_problems():
                 {"from": "system", "value": "c"},
             ]
         },
-        "turn 1 has unknown role 'bot' (accepted: system, human, user, gpt, assistant)": {
+        "turn 1 has unknown role 'bot' (accepted: system, human, user, gpt, assistant, function_call, observation, tool, function)": {
             "conversations": [{"from": "bot", "value": "a"}]
         },
         "turn 4 is assistant but should be user (turns must alternate user/assistant, starting with user)": {

@@ -55,6 +55,13 @@ class ModelSelection:
         default=None,
         metadata={"help": "A named chat template (vicuna, chatml, qwen, llama3 ...); default: the tokenizer's own."},
     )
+    tool_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How tools and calls are written and read back: auto (as the model folder's chat template "
+            "says: the format it was trained with), default, qwen, glm4 or llama3."
+        },
+    )
     torch_dtype: str = field(
         default="auto",
         metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.", "choices": DTYPES},
@@ -74,7 +81,9 @@ class ModelSelection:
     model_type: str | None = field(default=None, metadata={"help": "Accepted for compatibility; ignored."})
 
     def problems(self) -> list[str]:
-        out = []
+        from tunestack.data.tool_formats import tool_format_problems
+
+        out = tool_format_problems(self.tool_format)
         names = [n for n in (self.model, self.model_name_or_path, self.base_model) if n]
         if len(set(names)) > 1:
             out.append("--model, --model_name_or_path and --base_model name the same thing; give one of them")
@@ -149,6 +158,14 @@ class ChatArguments:
     )
     show_prompt: bool = field(
         default=False, metadata={"help": "Print the exact prompt given to the model before each answer (to stderr)."}
+    )
+    tools: str | None = field(
+        default=None,
+        metadata={
+            "help": "A JSON file of tools the model may call (a list of function schemas, or {\"tools\": [...]}). "
+            "A call is shown and its result asked for (the answer continues from it); with --prompt the calls are "
+            "printed as JSON lines."
+        },
     )
 
 

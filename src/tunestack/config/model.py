@@ -65,6 +65,13 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the library's choice)."}
     )
+    flash_attn: bool = field(
+        default=False,
+        metadata={
+            "help": "FlashAttention-2 (MedicalGPT's flag): used where the flash-attn package and a CUDA GPU are; "
+            "elsewhere a warning and SDPA. --attn_implementation wins."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where processed datasets are cached."})
     use_fast_tokenizer: bool = field(
         default=True, metadata={"help": "Use the fast (Rust) tokenizer when there is one."}

@@ -21,7 +21,7 @@ from transformers import HfArgumentParser
 
 from tunestack.errors import ConfigError
 
-# Old or alternative flag spellings found in tutorial scripts -> the name tunestack uses.
+# Old or alternative flag spellings found in tutorial scripts (MedicalGPT 2024 and 2026) -> the name tunestack uses.
 FLAG_ALIASES = {
     "dtype": "torch_dtype",
     "neft_alpha": "neftune_noise_alpha",
@@ -29,7 +29,15 @@ FLAG_ALIASES = {
     "reward_model_path": "reward_model",
     "sft_model_path": "model_name_or_path",
     "max_completion_length": "max_target_length",
+    "lora_r": "lora_rank",
+    "lora_target_modules": "target_modules",
+    "train_samples": "max_train_samples",
 }
+# Aliases whose value wins over the canonical flag when both are given: MedicalGPT's PPO script passes
+# --sft_model_path (the policy it trains) and --model_name_or_path (unused by it).
+WINNING_ALIASES = ("sft_model_path",)
+# Flags whose value may be a space-separated list (MedicalGPT's --lora_target_modules q_proj k_proj ...).
+SPACE_LISTS = ("target_modules", "lora_target_modules")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -119,11 +127,44 @@ def mapping_to_argv(options: dict[str, Any], field_types: dict[str, Any]) -> lis
     return argv
 
 
-def _apply_aliases(argv: list[str], known: set[str]) -> list[str]:
-    out = []
+def _flag_name(tok: str) -> str | None:
+    return tok[2:].partition("=")[0] if tok.startswith("--") else None
+
+
+def _drop_flag(argv: list[str], name: str) -> list[str]:
+    """argv without every `--name value` / `--name=value`."""
+    out, skip = [], False
     for tok in argv:
-        if tok.startswith("--"):
-            name, eq, value = tok[2:].partition("=")
+        if skip:
+            skip = False
+            if not tok.startswith("--"):
+                continue
+        if _flag_name(tok) == name:
+            skip = "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
+def _apply_aliases(argv: list[str], known: set[str]) -> list[str]:
+    for alias in WINNING_ALIASES:
+        if alias not in known and any(_flag_name(t) == alias for t in argv):
+            argv = _drop_flag(argv, FLAG_ALIASES[alias])
+    out: list[str] = []
+    values = -1  # values taken so far by a space-separated list flag (-1: not in one)
+    for tok in argv:
+        name = _flag_name(tok)
+        if values >= 0 and name is None:
+            if values:
+                out[-1] += "," + tok  # q_proj k_proj v_proj -> q_proj,k_proj,v_proj
+            else:
+                out.append(tok)
+            values += 1
+            continue
+        values = -1
+        if name is not None:
+            _, eq, value = tok[2:].partition("=")
+            values = 0 if name in SPACE_LISTS and not eq else -1
             if name not in known and name in FLAG_ALIASES:
                 tok = f"--{FLAG_ALIASES[name]}{eq}{value}"
         out.append(tok)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tunestack.config.parse import hub_dataset_problem
 
-PREFERENCE_FORMATS = ("medicalgpt", "chosen_rejected", "messages", "kto")
+PREFERENCE_FORMATS = ("sharegpt", "medicalgpt", "chosen_rejected", "messages", "kto")
 
 
 @dataclass
@@ -23,7 +23,8 @@ class PreferenceDataArguments:
     data_format: str = field(
         default="auto",
         metadata={
-            "help": "auto (detected per file); medicalgpt {system,history,question,response_chosen,response_rejected}; "
+            "help": "auto (detected per file); sharegpt {conversations,chosen,rejected,tools} (MedicalGPT 2026); "
+            "medicalgpt {system,history,question,response_chosen,response_rejected}; "
             "chosen_rejected {prompt,chosen,rejected} strings; messages (chosen/rejected conversations); "
             "kto {prompt,completion,label}.",
             "choices": ("auto",) + PREFERENCE_FORMATS,
@@ -32,6 +33,13 @@ class PreferenceDataArguments:
     template_name: str | None = field(
         default=None,
         metadata={"help": "Chat template: the tokenizer's own by default, or a named one (chatml, qwen, llama3 ...)."},
+    )
+    tool_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How tools, calls and results are written: auto (the chat template's own tool support, else "
+            "default), default (Action: / Action Input: lines), qwen, glm4 or llama3.",
+        },
     )
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt for records that have none."})
     max_source_length: int = field(
@@ -55,7 +63,9 @@ class PreferenceDataArguments:
     overwrite_cache: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
 
     def problems(self) -> list[str]:
-        out = []
+        from tunestack.data.tool_formats import tool_format_problems
+
+        out = tool_format_problems(self.tool_format)
         out += hub_dataset_problem(self.dataset_name)
         if not self.train_file_dir:
             out.append("--train_file_dir is required")

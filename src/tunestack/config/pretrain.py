@@ -35,6 +35,13 @@ class PretrainDataArguments:
     text_field: str = field(
         default="text", metadata={"help": "Field holding the text in json/jsonl/csv/parquet files."}
     )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Documents are joined with EOS and cut into --block_size blocks (always). False also keeps "
+            "packed documents apart, as --document_attention true: each attends only to itself."
+        },
+    )
     streaming: bool = field(
         default=False, metadata={"help": "Tokenize on the fly for corpora bigger than memory (needs --max_steps)."}
     )

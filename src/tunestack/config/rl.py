@@ -17,7 +17,13 @@ class RLArguments:
     )
     reward_funcs: str | None = field(
         default=None,
-        metadata={"help": "Python reward functions, comma separated module:function (or file.py:function)."},
+        metadata={
+            "help": "Python reward functions, comma separated module:function (or file.py:function), or 'accuracy'. "
+            "With neither this nor --reward_model, question/answer records get the accuracy reward (MedicalGPT's "
+            "GRPO rule): 1 when the completion's answer (inside <answer>...</answer> or after '####' when it has "
+            "them, else the whole completion) equals the record's `answer` (numbers compared as numbers, text "
+            "without case, spaces and final punctuation), else 0."
+        },
     )
     train_file_dir: str | None = field(
         default=None,
@@ -33,6 +39,14 @@ class RLArguments:
     )
     data_format: str = field(default="auto", metadata={"help": "Format of SFT-style prompt files."})
     template_name: str | None = field(default=None, metadata={"help": "Chat template (default: the tokenizer's own)."})
+    tool_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How tools, calls and results are written: auto (the chat template's own tool support, else "
+            "default), default (Action: / Action Input: lines, as MedicalGPT), qwen, glm4 or llama3; saved with "
+            "the model's chat template."
+        },
+    )
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt for prompts without one."})
     batch_size: int = field(default=8, metadata={"help": "Prompts rolled out per step and process."})
     mini_batch_size: int = field(default=2, metadata={"help": "PPO minibatch size."})
@@ -46,6 +60,14 @@ class RLArguments:
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "KL coefficient against the reference (MedicalGPT's GRPO flag); sets --init_kl_coef."},
+    )
+    use_vllm: bool = field(
+        default=False,
+        metadata={"help": "Accepted as False (MedicalGPT's flag): completions are generated with transformers."},
+    )
     adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adapt the KL coefficient toward --target_kl."})
     target_kl: float = field(
         default=0.1, metadata={"help": "Target KL for the adaptive controller and early stopping."}
@@ -79,12 +101,20 @@ class RLArguments:
     max_eval_samples: int | None = field(default=16, metadata={"help": "Held-out prompts for the before/after eval."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub datasets are not fetched; use local files."})
 
+    @property
+    def kl_coef(self) -> float:
+        return self.beta if self.beta is not None else self.init_kl_coef
+
     def problems(self) -> list[str]:
-        out = []
+        from tunestack.data.tool_formats import tool_format_problems
+
+        out = tool_format_problems(self.tool_format)
         if not self.train_file_dir:
             out.append("--train_file_dir is required")
-        if not self.reward_model and not self.reward_funcs:
-            out.append("RL needs a reward: --reward_model DIR and/or --reward_funcs module:function")
+        if self.use_vllm:
+            out.append("--use_vllm True: tunestack generates RL completions with transformers, not vLLM; pass False")
+        if self.beta is not None and self.beta < 0:
+            out.append(f"--beta must not be negative, got {self.beta}")
         if self.batch_size % self.mini_batch_size:
             out.append("--batch_size must be a multiple of --mini_batch_size")
         out += hub_dataset_problem(self.dataset_name)

@@ -29,6 +29,14 @@ class SupervisedDataArguments:
             "help": "Chat template: the tokenizer's own by default, or a named one (chatml, qwen, llama3, glm4, vicuna ...)."
         },
     )
+    tool_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How tools, calls and results are written: auto (the chat template's own tool support, else "
+            "default), default (Action: / Action Input: lines, as MedicalGPT), qwen, glm4 or llama3; saved with "
+            "the model's chat template."
+        },
+    )
     system_prompt: str | None = field(
         default=None, metadata={"help": "System prompt for conversations that have none."}
     )
@@ -91,7 +99,9 @@ class SupervisedDataArguments:
         return self.model_max_length
 
     def problems(self) -> list[str]:
-        out = []
+        from tunestack.data.tool_formats import tool_format_problems
+
+        out = tool_format_problems(self.tool_format)
         out += hub_dataset_problem(self.dataset_name)
         if not self.train_file_dir:
             out.append("--train_file_dir is required")

@@ -18,6 +18,9 @@ class PreviewArguments:
     template_name: str | None = field(
         default=None, metadata={"help": "Named chat template (default: the tokenizer's own)."}
     )
+    tool_format: str = field(
+        default="auto", metadata={"help": "auto (the template's own tool support, else default), default, qwen, glm4, llama3."}
+    )
     data_format: str = field(default="auto", metadata={"help": "auto, sharegpt, messages, alpaca or prompt_response."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt for conversations without one."})
     model_max_length: int = field(default=512, metadata={"help": "Tokens per sample, as in training."})
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> int:
 
     ref = None if args.tokenizer_name_or_path else resolve_model(args.model_name_or_path)
     tokenizer = load_tokenizer(ref, args.tokenizer_name_or_path, args.trust_remote_code)
-    template = get_template(args.template_name, tokenizer)
+    template = get_template(args.template_name, tokenizer, args.tool_format)
     _, loaded = load_files(args.train_file_dir, CONVERSATIONS, args.data_format, args.skip_bad_records)
     conversations = with_default_system(loaded.items, args.system_prompt)
     print(f"{loaded.summary()}\n")  # noqa: T201

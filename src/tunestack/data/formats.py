@@ -3,27 +3,31 @@
 Accepted record formats (detected per record, or forced with `data_format`):
 
 * ``sharegpt``: ``{"conversations": [{"from": "system|human|gpt", "value": ...}, ...]}``; ``from`` may also
-  be ``user`` / ``assistant``; an optional top-level ``system_prompt`` or ``system``.
-* ``messages`` (OpenAI): ``{"messages": [{"role": ..., "content": ...}, ...]}``.
+  be ``user`` / ``assistant``, and ``function_call`` / ``observation`` for tool calls and their results; an
+  optional top-level ``system_prompt`` or ``system``, and ``tools`` (see tunestack.data.tools).
+* ``messages`` (OpenAI): ``{"messages": [{"role": ..., "content": ...}, ...]}``, assistant messages with
+  ``tool_calls``, ``tool`` messages with results, and ``tools``.
 * ``alpaca``: ``instruction``, ``input`` (optional), ``output``, optional ``system`` and ``history`` ([[q, a], ...]).
 * ``prompt_response``: ``prompt``, ``response``, optional ``history`` and ``system``.
 
-Every format becomes a `Conversation`: an optional system prompt and turns that alternate
-user/assistant, starting with a user turn and ending with an assistant answer.
+Every format becomes a `Conversation`: an optional system prompt, the tools it may call, and turns that
+alternate user/assistant, starting with a user turn and ending with an assistant answer; an assistant turn may
+call tools, and the results (``tool`` turns) follow the call before the assistant speaks again.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tunestack.data.records import Loaded, RecordProblem, RecordTable, load_records
+from tunestack.data.tools import Tool, ToolCall, calls_from_dicts, parse_calls, parse_tools
 from tunestack.errors import DataError
 
-Role = Literal["user", "assistant"]
+Role = Literal["user", "assistant", "tool"]
 FORMATS = ("sharegpt", "messages", "alpaca", "prompt_response")
 # The key that marks each format, in detection order.
 _FORMAT_KEYS = {
@@ -49,6 +53,7 @@ _KNOWN_KEYS = (
     "history",
     "system",
     "system_prompt",
+    "tools",
 )
 _ROLE_ALIASES = {
     "system": "system",
@@ -56,59 +61,99 @@ _ROLE_ALIASES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "function_call",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
 
 
 @dataclass(frozen=True)
 class Message:
+    """One turn. An assistant turn may carry `tool_calls` (its `content` is then any text before the calls);
+    a `tool` turn holds a tool's result."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
 class Conversation:
-    """A validated chat sample: user/assistant turns strictly alternating, ending with an answer."""
+    """A validated chat sample: user/assistant exchanges (with tool calls and results), ending with an answer."""
 
     system: str | None
     messages: tuple[Message, ...]
     origin: str = ""
+    tools: tuple[Tool, ...] = ()
 
     def __post_init__(self) -> None:
-        problem = turn_order_problem([m.role for m in self.messages])
+        problem = turn_order_problem(self.messages)
         if problem:
             raise ValueError(f"{self.origin or 'conversation'}: {problem}")
 
     @property
-    def pairs(self) -> list[tuple[Message, Message]]:
-        return [(self.messages[i], self.messages[i + 1]) for i in range(0, len(self.messages), 2)]
+    def exchanges(self) -> int:
+        """How many user turns (each opens an exchange: the question, its answers, calls and results)."""
+        return sum(1 for m in self.messages if m.role == "user")
 
     def drop_pairs(self, n: int) -> Conversation:
-        """The same conversation without its `n` earliest user/assistant pairs (the system prompt stays)."""
-        return Conversation(self.system, self.messages[2 * n :], self.origin)
+        """The same conversation without its `n` earliest exchanges (the system prompt and tools stay)."""
+        starts = [i for i, m in enumerate(self.messages) if m.role == "user"]
+        return Conversation(self.system, self.messages[starts[n] :], self.origin, self.tools)
 
     def with_last_user(self, content: str) -> Conversation:
         msgs = list(self.messages)
-        msgs[-2] = Message("user", content)
-        return Conversation(self.system, tuple(msgs), self.origin)
+        last = max(i for i, m in enumerate(msgs) if m.role == "user")
+        msgs[last] = Message("user", content)
+        return Conversation(self.system, tuple(msgs), self.origin, self.tools)
 
 
-def turn_order_problem(roles: Sequence[str], numbers: Sequence[int] | None = None) -> str | None:
-    """Why `roles` is not user, assistant, ..., assistant (None when it is).
+def as_message(m: Message | Mapping[str, Any]) -> Message:
+    """A Message from a message dict: role, content (None for a call without text) and optional `tool_calls`
+    (ToolCall objects, OpenAI's shape or {"name", "arguments"}); DataError when the calls are not well formed."""
+    if isinstance(m, Message):
+        return m
+    return Message(m["role"], m.get("content") or "", calls_from_dicts(m.get("tool_calls")))
+
+
+def has_tool_content(messages: Sequence[Message], tools: Sequence[Tool] = ()) -> bool:
+    """Whether rendering needs a tool format: tools offered, a call made or a result given."""
+    return bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
+
+
+def turn_order_problem(
+    turns: Sequence[Message], numbers: Sequence[int] | None = None, prompt: bool = False
+) -> str | None:
+    """Why `turns` is not a conversation (None when it is): user and assistant alternate from a user turn; an
+    assistant turn that calls tools may be followed by their results (tool turns), then the assistant goes on.
+    A conversation ends with an assistant turn; a prompt (`prompt=True`) with a user or tool turn.
 
     `numbers` are the turn numbers to report (as the turns are numbered in the file).
     """
-    numbers = list(numbers) if numbers is not None else list(range(1, len(roles) + 1))
-    if not roles:
+    numbers = list(numbers) if numbers is not None else list(range(1, len(turns) + 1))
+    if not turns:
         return "the conversation has no user/assistant turns"
-    for i, role in enumerate(roles):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
+    for i, turn in enumerate(turns):
+        before = turns[i - 1] if i else None
+        if turn.role == "tool":
+            if before is None or not (before.tool_calls or before.role == "tool"):
+                return f"turn {numbers[i]} is a tool result (observation) with no tool call (function_call) before it"
+            continue
+        expected = "user" if before is None or before.role == "assistant" else "assistant"
+        if turn.role != expected:
             return (
-                f"turn {numbers[i]} is {role} but should be {expected} "
+                f"turn {numbers[i]} is {turn.role} but should be {expected} "
                 "(turns must alternate user/assistant, starting with user)"
             )
-    if roles[-1] != "assistant":
-        return f"the last turn ({numbers[-1]}) is a user turn; a conversation must end with an assistant answer"
+        if turn.role == "user" and before is not None and before.tool_calls:
+            return f"turn {numbers[i]} is user but the tool call of turn {numbers[i - 1]} has no result before it"
+    last = turns[-1]
+    if prompt and last.role == "assistant":
+        return f"the last turn ({numbers[-1]}) is an assistant turn; a prompt ends with a user turn or a tool result"
+    if not prompt and last.role != "assistant":
+        kind = "a user turn" if last.role == "user" else "a tool result"
+        return f"the last turn ({numbers[-1]}) is {kind}; a conversation must end with an assistant answer"
     return None
 
 
@@ -173,25 +218,37 @@ def optional_system(data: dict[str, Any], *keys: str) -> str | None:
 
 def parse_turn(turn: Any, i: int, role_key: str, content_key: str) -> tuple[str, str]:
     """(normalised role, text) of one turn; accepts from/value and role/content in either format."""
+    message = parse_message(turn, i, role_key, content_key)
+    return message.role, message.content
+
+
+def parse_message(turn: Any, i: int, role_key: str, content_key: str) -> Message:
+    """One turn as a Message (role "system" for a system turn); from/value and role/content in either format,
+    function_call / observation turns and OpenAI tool_calls / tool messages included."""
     if not isinstance(turn, dict):
         raise RecordProblem("wrong type", f"turn {i} must be an object with '{role_key}' and '{content_key}'")
     raw_role = turn.get("from", turn.get("role"))
     content = turn.get("value", turn.get("content"))
     if raw_role is None:
         raise RecordProblem("missing field", f"turn {i} has no '{role_key}' (keys: {sorted(turn)})")
-    if content is None:
-        raise RecordProblem("missing field", f"turn {i} has no '{content_key}' (keys: {sorted(turn)})")
     role = _ROLE_ALIASES.get(str(raw_role).lower())
     if role is None:
         raise RecordProblem("unknown role", f"turn {i} has unknown role '{raw_role}' (accepted: {', '.join(_ROLE_ALIASES)})")
-    text = text_value(content, f"turn {i} '{content_key}'")
-    if role != "system" and not text.strip():
+    if role == "function_call":
+        if content is None:
+            raise RecordProblem("missing field", f"turn {i} has no '{content_key}' (keys: {sorted(turn)})")
+        return Message("assistant", "", parse_calls(content, f"turn {i} (function_call)"))
+    calls = parse_calls(turn["tool_calls"], f"turn {i} 'tool_calls'") if role == "assistant" and turn.get("tool_calls") else ()
+    if content is None and not calls:
+        raise RecordProblem("missing field", f"turn {i} has no '{content_key}' (keys: {sorted(turn)})")
+    text = "" if content is None else text_value(content, f"turn {i} '{content_key}'")
+    if role != "system" and not text.strip() and not calls:
         raise RecordProblem("empty turn", f"turn {i} ({role}) is empty")
-    return role, text
+    return Message(role, text, calls)  # type: ignore[arg-type]
 
 
-def _parse_turns(data: dict[str, Any], list_key: str, role_key: str, content_key: str) -> Conversation:
-    turns = data.get(list_key)
+def parse_messages(turns: Any, list_key: str, role_key: str = "role", content_key: str = "content") -> tuple[str | None, list[Message], list[int]]:
+    """(system, messages, their turn numbers) of a list of turns; a system turn may only come first."""
     if not isinstance(turns, list):
         raise RecordProblem("wrong type", f"'{list_key}' must be a list of turns, got {type(turns).__name__}")
     if not turns:
@@ -200,20 +257,25 @@ def _parse_turns(data: dict[str, Any], list_key: str, role_key: str, content_key
     messages: list[Message] = []
     numbers: list[int] = []
     for i, raw in enumerate(turns, start=1):
-        role, text = parse_turn(raw, i, role_key, content_key)
-        if role == "system":
+        message = parse_message(raw, i, role_key, content_key)
+        if message.role == "system":  # type: ignore[comparison-overlap]
             if i != 1:
                 raise RecordProblem("bad turn order", f"turn {i} is a system turn; only the first turn may be a system turn")
-            system = text or None
+            system = message.content or None
             continue
-        messages.append(Message(role, text))  # type: ignore[arg-type]
+        messages.append(message)
         numbers.append(i)
-    problem = turn_order_problem([m.role for m in messages], numbers)
+    return system, messages, numbers
+
+
+def _parse_turns(data: dict[str, Any], list_key: str, role_key: str, content_key: str) -> Conversation:
+    system, messages, numbers = parse_messages(data.get(list_key), list_key, role_key, content_key)
+    problem = turn_order_problem(messages, numbers)
     if problem:
         raise RecordProblem("bad turn order", problem)
     if system is None:
         system = optional_system(data, "system_prompt", "system")
-    return Conversation(system, tuple(messages))
+    return Conversation(system, tuple(messages), tools=parse_tools(data.get("tools")))
 
 
 def parse_history(data: dict[str, Any]) -> list[Message]:

@@ -2,6 +2,9 @@
 
 Accepted record formats (detected per file, or forced with `data_format`):
 
+* ``sharegpt`` (MedicalGPT since 2026): ``{"conversations": [prompt turns], "chosen", "rejected"}``, optional
+  ``tools``; the prompt turns end with a user turn (or a tool result) and may hold earlier exchanges, tool calls
+  and results; chosen / rejected are answer strings or an assistant / function_call turn.
 * ``medicalgpt``: ``{"system", "history": [[q, a], ...], "question", "response_chosen", "response_rejected"}``.
 * ``chosen_rejected``: ``{"prompt", "chosen", "rejected"}`` strings, optional ``system`` and ``history``.
 * ``messages``: ``chosen`` and ``rejected`` are conversations (lists of ``{role, content}`` or ``{from, value}``)
@@ -9,11 +12,14 @@ Accepted record formats (detected per file, or forced with `data_format`):
   ``prompt`` list of turns beside them, ``chosen``/``rejected`` hold only the answer turn.
 * ``kto`` (unpaired): ``{"prompt", "completion", "label": true|false}``; prompt and completion may also be turns.
 
-Encoding into token ids is in preference_encoding.py.
+Any format may carry ``tools``; an answer string written as a call in the default tool format (``Action: name`` /
+``Action Input: {json}``) in a record with tools is that call. Encoding into token ids is in
+preference_encoding.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,22 +31,26 @@ from tunestack.data.formats import (
     key_hints,
     optional_system,
     parse_history,
-    parse_turn,
+    parse_message,
+    parse_messages,
     text_value,
     turn_order_problem,
 )
 from tunestack.data.records import Loaded, RecordProblem, RecordTable, load_records
+from tunestack.data.tool_formats import TOOL_FORMATS
+from tunestack.data.tools import Tool, ToolCall, parse_tools
 from tunestack.errors import DataError
 
 Kind = Literal["pairs", "unpaired", "any"]
 _FORMAT_LABELS = {
+    "sharegpt": "'conversations' + 'chosen' + 'rejected' (sharegpt)",
     "medicalgpt": "'question' + 'response_chosen' + 'response_rejected' (medicalgpt)",
     "chosen_rejected": "'prompt' + 'chosen' + 'rejected'",
     "messages": "'chosen' + 'rejected' conversations",
     "kto": "'prompt' + 'completion' + 'label' (kto)",
 }
 _KNOWN_KEYS = ("system", "history", "question", "response_chosen", "response_rejected", "prompt", "chosen")
-_KNOWN_KEYS += ("rejected", "completion", "label")
+_KNOWN_KEYS += ("rejected", "completion", "label", "conversations", "tools")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,17 @@ class PreferencePair:
     chosen: str
     rejected: str
     origin: str = ""
+    tools: tuple[Tool, ...] = ()
+    chosen_calls: tuple[ToolCall, ...] = ()  # an answer that calls tools: its calls (the text is what precedes)
+    rejected_calls: tuple[ToolCall, ...] = ()
+
+    @property
+    def chosen_message(self) -> Message:
+        return Message("assistant", self.chosen, self.chosen_calls)
+
+    @property
+    def rejected_message(self) -> Message:
+        return Message("assistant", self.rejected, self.rejected_calls)
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,12 @@ class KTOSample:
     completion: str
     desirable: bool
     origin: str = ""
+    tools: tuple[Tool, ...] = ()
+    completion_calls: tuple[ToolCall, ...] = ()
+
+    @property
+    def completion_message(self) -> Message:
+        return Message("assistant", self.completion, self.completion_calls)
 
 
 Item = PreferencePair | KTOSample
@@ -75,8 +102,9 @@ def unpaired(items: list[Item]) -> list[KTOSample]:
         if isinstance(item, KTOSample):
             out.append(item)
         else:
-            out.append(KTOSample(item.system, item.prompt_messages, item.chosen, True, item.origin))
-            out.append(KTOSample(item.system, item.prompt_messages, item.rejected, False, item.origin))
+            for answer, good in ((item.chosen_message, True), (item.rejected_message, False)):
+                sample = KTOSample(item.system, item.prompt_messages, answer.content, good, item.origin, item.tools)
+                out.append(dataclasses.replace(sample, completion_calls=answer.tool_calls))
     return out
 
 
@@ -85,6 +113,8 @@ def unpaired(items: list[Item]) -> list[KTOSample]:
 
 
 def detect_preference_format(data: dict[str, Any]) -> str | None:
+    if "conversations" in data and ("chosen" in data or "rejected" in data):
+        return "sharegpt"
     if "response_chosen" in data or "response_rejected" in data or "question" in data:
         return "medicalgpt"
     if "completion" in data or "label" in data:
@@ -104,9 +134,22 @@ def _required(data: dict[str, Any], key: str, fmt: str) -> str:
     return value
 
 
-def _check_answers(chosen: str, rejected: str) -> None:
-    if chosen.strip() == rejected.strip():
+def _check_answers(chosen: Message, rejected: Message) -> None:
+    if (chosen.content.strip(), chosen.tool_calls) == (rejected.content.strip(), rejected.tool_calls):
         raise RecordProblem("identical answers", "chosen and rejected answers are identical")
+
+
+def _pair(
+    system: str | None, prompt: tuple[Message, ...], chosen: Message, rejected: Message, tools: tuple[Tool, ...]
+) -> PreferencePair:
+    _check_answers(chosen, rejected)
+    return PreferencePair(system, prompt, chosen.content, rejected.content, "", tools, chosen.tool_calls, rejected.tool_calls)
+
+
+def _as_answer(text: str, tools: tuple[Tool, ...]) -> Message:
+    """An answer string; with tools, a call written in the default tool format is that call."""
+    parsed = TOOL_FORMATS["default"].parse(text) if tools else None
+    return Message("assistant", parsed[0], parsed[1]) if parsed else Message("assistant", text)
 
 
 def _prompt_turns(history: list[Message], question: str) -> tuple[Message, ...]:
@@ -115,53 +158,41 @@ def _prompt_turns(history: list[Message], question: str) -> tuple[Message, ...]:
 
 def _parse_medicalgpt(data: dict[str, Any]) -> PreferencePair:
     question = _required(data, "question", "medicalgpt")
-    chosen = _required(data, "response_chosen", "medicalgpt")
-    rejected = _required(data, "response_rejected", "medicalgpt")
-    _check_answers(chosen, rejected)
+    tools = parse_tools(data.get("tools"))
+    chosen = _as_answer(_required(data, "response_chosen", "medicalgpt"), tools)
+    rejected = _as_answer(_required(data, "response_rejected", "medicalgpt"), tools)
     system = optional_system(data, "system", "system_prompt")
-    return PreferencePair(system, _prompt_turns(parse_history(data), question), chosen, rejected)
+    return _pair(system, _prompt_turns(parse_history(data), question), chosen, rejected, tools)
 
 
 def _parse_chosen_rejected(data: dict[str, Any]) -> PreferencePair:
     prompt = _required(data, "prompt", "chosen_rejected")
-    chosen = _required(data, "chosen", "chosen_rejected")
-    rejected = _required(data, "rejected", "chosen_rejected")
-    _check_answers(chosen, rejected)
+    tools = parse_tools(data.get("tools"))
+    chosen = _as_answer(_required(data, "chosen", "chosen_rejected"), tools)
+    rejected = _as_answer(_required(data, "rejected", "chosen_rejected"), tools)
     system = optional_system(data, "system", "system_prompt")
-    return PreferencePair(system, _prompt_turns(parse_history(data), prompt), chosen, rejected)
+    return _pair(system, _prompt_turns(parse_history(data), prompt), chosen, rejected, tools)
 
 
 def _turns(value: Any, key: str) -> tuple[str | None, list[Message]]:
     """(system, messages) of a list of turns in `key`; a system turn may only come first."""
-    if not isinstance(value, list):
-        raise RecordProblem("wrong type", f"'{key}' must be a list of turns, got {type(value).__name__}")
-    if not value:
-        raise RecordProblem("empty conversation", f"'{key}' is empty")
-    system = None
-    messages: list[Message] = []
-    for i, raw in enumerate(value, start=1):
-        try:
-            role, text = parse_turn(raw, i, "role", "content")
-        except RecordProblem as bad:
-            raise RecordProblem(bad.kind, f"'{key}' {bad.message}") from None
-        if role == "system":
-            if i != 1:
-                raise RecordProblem("bad turn order", f"'{key}' turn {i} is a system turn; only the first turn may be one")
-            system = text or None
-            continue
-        messages.append(Message(role, text))  # type: ignore[arg-type]
+    try:
+        system, messages, _ = parse_messages(value, key)
+    except RecordProblem as bad:
+        message = bad.message if bad.message.startswith(f"'{key}'") else f"'{key}' {bad.message}"
+        raise RecordProblem(bad.kind, message) from None
     return system, messages
 
 
-def _conversation(data: dict[str, Any], key: str) -> tuple[str | None, tuple[Message, ...], str]:
+def _conversation(data: dict[str, Any], key: str) -> tuple[str | None, tuple[Message, ...], Message]:
     """(system, prompt turns, final answer) of the conversation in `key`."""
     if data.get(key) is None:
         raise RecordProblem("missing field", f"messages record has no '{key}' (keys: {sorted(data)}){key_hints(data, _KNOWN_KEYS)}")
     system, messages = _turns(data[key], key)
-    problem = turn_order_problem([m.role for m in messages])
+    problem = turn_order_problem(messages)
     if problem:
         raise RecordProblem("bad turn order", f"'{key}': {problem}")
-    return system, tuple(messages[:-1]), messages[-1].content
+    return system, tuple(messages[:-1]), messages[-1]
 
 
 def _parse_messages(data: dict[str, Any]) -> PreferencePair:
@@ -178,31 +209,36 @@ def _parse_messages(data: dict[str, Any]) -> PreferencePair:
             turn = next(i for i, (a, b) in enumerate(zip(c_prompt, r_prompt, strict=True), start=1) if a != b)
             detail = f"turn {turn} differs"
         raise RecordProblem("different prompts", f"chosen and rejected have different prompts ({detail})")
-    _check_answers(chosen, rejected)
     system = c_system if c_system is not None else optional_system(data, "system", "system_prompt")
-    return PreferencePair(system, c_prompt, chosen, rejected)
+    return _pair(system, c_prompt, chosen, rejected, parse_tools(data.get("tools")))
 
 
-def _answer_turn(data: dict[str, Any], key: str) -> str:
+def _answer_turn(data: dict[str, Any], key: str, tools: tuple[Tool, ...] = (), fmt: str = "messages") -> Message:
+    """The answer in `key`: a string, one assistant (or function_call) turn, or a list of them (the last counts)."""
     value = data.get(key)
     if value is None:
-        raise RecordProblem("missing field", f"messages record has no '{key}' (keys: {sorted(data)})")
+        raise RecordProblem("missing field", f"{fmt} record has no '{key}' (keys: {sorted(data)})")
     if isinstance(value, str):
         if not value.strip():
             raise RecordProblem("empty turn", f"'{key}' is empty")
-        return value
-    _, messages = _turns(value, key)
-    if not messages or messages[-1].role != "assistant" or any(m.role != "assistant" for m in messages):
+        return _as_answer(value, tools)
+    if isinstance(value, dict):
+        try:
+            messages = [parse_message(value, 1, "role", "content")]
+        except RecordProblem as bad:
+            raise RecordProblem(bad.kind, f"'{key}' {bad.message}") from None
+    else:
+        _, messages = _turns(value, key)
+    if not messages or any(m.role != "assistant" for m in messages):
         raise RecordProblem("bad turn order", f"'{key}' must hold the assistant answer turn")
-    return messages[-1].content
+    return messages[-1]
 
 
-def _prompt_from_turns(data: dict[str, Any]) -> tuple[str | None, tuple[Message, ...]]:
-    system, messages = _turns(data["prompt"], "prompt")
-    roles = [m.role for m in messages] + ["assistant"]
-    problem = turn_order_problem(roles)
+def _prompt_from_turns(data: dict[str, Any], key: str = "prompt") -> tuple[str | None, tuple[Message, ...]]:
+    system, messages = _turns(data[key], key)
+    problem = turn_order_problem(messages, prompt=True)
     if problem:
-        raise RecordProblem("bad turn order", f"'prompt': {problem.replace('the last turn', 'the prompt')}")
+        raise RecordProblem("bad turn order", f"'{key}': {problem}")
     if system is None:
         system = optional_system(data, "system", "system_prompt")
     return system, tuple(messages)
@@ -210,19 +246,28 @@ def _prompt_from_turns(data: dict[str, Any]) -> tuple[str | None, tuple[Message,
 
 def _parse_prompt_and_answer_turns(data: dict[str, Any]) -> PreferencePair:
     """A separate prompt (turns, or a string with an optional history) and answer turns in chosen/rejected."""
+    tools = parse_tools(data.get("tools"))
     if isinstance(data["prompt"], list):
         system, prompt = _prompt_from_turns(data)
     else:
         question = _required(data, "prompt", "messages")
         system, prompt = optional_system(data, "system", "system_prompt"), _prompt_turns(parse_history(data), question)
-    chosen, rejected = _answer_turn(data, "chosen"), _answer_turn(data, "rejected")
-    _check_answers(chosen, rejected)
-    return PreferencePair(system, prompt, chosen, rejected)
+    return _pair(system, prompt, _answer_turn(data, "chosen", tools), _answer_turn(data, "rejected", tools), tools)
+
+
+def _parse_sharegpt(data: dict[str, Any]) -> PreferencePair:
+    """MedicalGPT's preference records: prompt turns in `conversations`, the answers beside them."""
+    tools = parse_tools(data.get("tools"))
+    system, prompt = _prompt_from_turns(data, "conversations")
+    chosen = _answer_turn(data, "chosen", tools, "sharegpt")
+    rejected = _answer_turn(data, "rejected", tools, "sharegpt")
+    return _pair(system, prompt, chosen, rejected, tools)
 
 
 def _parse_kto(data: dict[str, Any]) -> KTOSample:
     if data.get("prompt") is None:
         raise RecordProblem("missing field", f"kto record has no 'prompt' (keys: {sorted(data)}){key_hints(data, _KNOWN_KEYS)}")
+    tools = parse_tools(data.get("tools"))
     if isinstance(data["prompt"], list):
         system, prompt = _prompt_from_turns(data)
     else:
@@ -231,16 +276,17 @@ def _parse_kto(data: dict[str, Any]) -> KTOSample:
     completion = data.get("completion")
     if completion is None:
         raise RecordProblem("missing field", f"kto record has no 'completion' (keys: {sorted(data)}){key_hints(data, _KNOWN_KEYS)}")
-    text = _answer_turn(data, "completion")
+    answer = _answer_turn(data, "completion", tools)
     label = data.get("label")
     if label is None:
         raise RecordProblem("missing field", f"kto record has no 'label' (keys: {sorted(data)})")
     if not isinstance(label, bool):
         raise RecordProblem("wrong type", f"'label' must be true or false, got {label!r}")
-    return KTOSample(system, prompt, text, label)
+    return KTOSample(system, prompt, answer.content, label, "", tools, answer.tool_calls)
 
 
 _PARSERS = {
+    "sharegpt": _parse_sharegpt,
     "medicalgpt": _parse_medicalgpt,
     "chosen_rejected": _parse_chosen_rejected,
     "messages": _parse_messages,

@@ -11,6 +11,7 @@ from tunestack.data.formats import Conversation, Message
 from tunestack.data.preference import Item, KTOSample, PreferencePair
 from tunestack.data.supervised import SegmentTokenizer
 from tunestack.data.templates import Template, conversation_segments
+from tunestack.data.tools import Tool
 from tunestack.errors import DataError
 
 
@@ -30,10 +31,12 @@ class PreferenceEncoder:
         self.segments = SegmentTokenizer(tokenizer, template)
         self.limits = limits or PreferenceLimits()
 
-    def prompt_ids(self, system: str | None, prompt: Sequence[Message]) -> tuple[list[int], bool]:
+    def prompt_ids(
+        self, system: str | None, prompt: Sequence[Message], tools: Sequence[Tool] = ()
+    ) -> tuple[list[int], bool]:
         """The generation prompt (ending with the assistant header); the end is kept when it is too long.
         Returns (ids, truncated)."""
-        ids = self.segments.encode_prompt(list(prompt), system)
+        ids = self.segments.encode_prompt(list(prompt), system, tools)
         limit = self.limits.max_source_length
         if len(ids) <= limit:
             return ids, False
@@ -42,9 +45,12 @@ class PreferenceEncoder:
             return [bos] + ids[len(ids) - limit + 1 :], True
         return ids[len(ids) - limit :], True
 
-    def answer_ids(self, system: str | None, prompt: Sequence[Message], answer: str) -> list[int]:
-        """The answer and its stop token: the span SFT trains for this answer."""
-        conversation = Conversation(system, tuple(prompt) + (Message("assistant", answer),))
+    def answer_ids(
+        self, system: str | None, prompt: Sequence[Message], answer: str | Message, tools: Sequence[Tool] = ()
+    ) -> list[int]:
+        """The answer (text, or an assistant message that may call tools) and its stop token: the span SFT trains."""
+        message = answer if isinstance(answer, Message) else Message("assistant", answer)
+        conversation = Conversation(system, tuple(prompt) + (message,), tools=tuple(tools))
         segments = conversation_segments(self.template, self.tokenizer, conversation)
         last = [s for s in segments if s.trainable][-1]
         return self.tokenizer(last.text, add_special_tokens=False)["input_ids"]
@@ -58,20 +64,20 @@ class PreferenceEncoder:
 
     def encode_pair(self, pair: PreferencePair) -> tuple[dict[str, list[int]] | None, str | None, bool]:
         """({prompt_ids, chosen_ids, rejected_ids} or None when dropped, drop reason, prompt truncated)."""
-        chosen = self.answer_ids(pair.system, pair.prompt_messages, pair.chosen)
-        rejected = self.answer_ids(pair.system, pair.prompt_messages, pair.rejected)
+        chosen = self.answer_ids(pair.system, pair.prompt_messages, pair.chosen_message, pair.tools)
+        rejected = self.answer_ids(pair.system, pair.prompt_messages, pair.rejected_message, pair.tools)
         problem = self._length_problem(chosen, rejected)
         if problem:
             return None, problem, False
-        prompt, truncated = self.prompt_ids(pair.system, pair.prompt_messages)
+        prompt, truncated = self.prompt_ids(pair.system, pair.prompt_messages, pair.tools)
         return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, None, truncated
 
     def encode_unpaired(self, sample: KTOSample) -> tuple[dict[str, Any] | None, str | None, bool]:
-        completion = self.answer_ids(sample.system, sample.prompt_messages, sample.completion)
+        completion = self.answer_ids(sample.system, sample.prompt_messages, sample.completion_message, sample.tools)
         problem = self._length_problem(completion)
         if problem:
             return None, problem, False
-        prompt, truncated = self.prompt_ids(sample.system, sample.prompt_messages)
+        prompt, truncated = self.prompt_ids(sample.system, sample.prompt_messages, sample.tools)
         return {"prompt_ids": prompt, "completion_ids": completion, "label": sample.desirable}, None, truncated
 
 

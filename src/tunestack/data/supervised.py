@@ -1,8 +1,9 @@
 """Tokenize conversations for SFT: input_ids, labels (-100 outside the answers), attention_mask.
 
 Labels come from the template's segments, never from comparing ids with the pad id, so a
-tokenizer whose pad token is its EOS still trains the real EOS. Over-long samples lose their
-oldest user/assistant pairs first (the system prompt stays), then the left of the last question;
+tokenizer whose pad token is its EOS still trains the real EOS; tool calls are trained like answers, tool
+results are not. Over-long samples lose their oldest exchanges first (the system prompt and tools stay), then
+the left of the last question;
 a sample whose last answer cannot fit with some of its question is dropped and counted.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 from tunestack.data.collators import IGNORE_INDEX, PadCollator
 from tunestack.data.formats import Conversation, Message
 from tunestack.data.templates import Segment, Template, conversation_segments, prompt_segments
+from tunestack.data.tools import Tool
 from tunestack.errors import DataError
 
 
@@ -82,10 +84,13 @@ class SegmentTokenizer:
         return self.encode_segments(conversation_segments(self.template, self.tokenizer, conversation))
 
     def encode_prompt(
-        self, conversation: Conversation | Sequence[Message] | Sequence[Mapping[str, str]], system: str | None = None
+        self,
+        conversation: Conversation | Sequence[Message] | Sequence[Mapping[str, Any]],
+        system: str | None = None,
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
         """Prompt ids for generation, tokenized exactly as the same prompt is in training."""
-        return self.encode_segments(prompt_segments(self.template, self.tokenizer, conversation, system)).ids
+        return self.encode_segments(prompt_segments(self.template, self.tokenizer, conversation, system, tools)).ids
 
     def fit(self, conversation: Conversation, limits: Limits) -> Encoded | None:
         """The encoded conversation within `limits`, or None when its last answer cannot fit."""
@@ -94,7 +99,7 @@ class SegmentTokenizer:
             return None
         if encoded.fits(limits):
             return encoded
-        n_pairs = len(conversation.messages) // 2
+        n_pairs = conversation.exchanges
         # Drop the oldest pairs: binary search for the fewest dropped that fits.
         lo, hi, best = 1, n_pairs - 1, None
         while lo <= hi:
@@ -111,7 +116,8 @@ class SegmentTokenizer:
 
     def _trim_question(self, conversation: Conversation, limits: Limits) -> Encoded | None:
         """Cut the left of the last question until the sample fits; None when nothing of it would remain."""
-        question = self.tokenizer(conversation.messages[-2].content, add_special_tokens=False)["input_ids"]
+        last_user = next(m for m in reversed(conversation.messages) if m.role == "user")
+        question = self.tokenizer(last_user.content, add_special_tokens=False)["input_ids"]
         encoded = self.encode(conversation)
         for _ in range(4):  # re-tokenizing a cut text can differ by a token or two
             over = len(encoded.ids) - limits.max_length

@@ -23,8 +23,10 @@ from tunestack.data.sources import fingerprint_files
 from tunestack.errors import ConfigError
 from tunestack.eval.metrics import answer_scores, has_jieba, score_answers
 from tunestack.eval.suite import BenchmarkSuite
+from tunestack.eval.tool_calls import calls_match, tool_call_scores
 from tunestack.infer.batch import PromptItem, generate_all
 from tunestack.infer.generate import ChatModel
+from tunestack.infer.tool_calls import read_answer
 from tunestack.model.ref import root_base
 from tunestack.rundir import OutputFolder
 
@@ -76,10 +78,10 @@ class RewardScorer:
         self.model, self.tokenizer, self.template = load_reward_model(reference, torch_dtype, trust_remote_code)
 
     def __call__(self, items: list[PromptItem], answers: list[str], batch_size: int) -> list[float]:
-        from tunestack.data.formats import Message
+        from tunestack.data.formats import as_message
         from tunestack.model.reward import score_responses
 
-        prompts = [(item.system, tuple(Message(m["role"], m["content"]) for m in item.messages)) for item in items]
+        prompts = [(item.system, tuple(as_message(m) for m in item.messages), item.tools) for item in items]
         return score_responses(self.model, self.tokenizer, self.template, prompts, answers, batch_size=batch_size)
 
 
@@ -113,20 +115,32 @@ def evaluate_model(
     suite_metrics, suite_rows = suite.measure(label, chat) if suite is not None else ({}, [])
     metrics.update(suite_metrics)
     asked = items + probes
-    answers = generate_all(chat, asked, gen, args.eval_batch_size, chat.system_for(gen)) if asked else []
+    texts = generate_all(chat, asked, gen, args.eval_batch_size, chat.system_for(gen)) if asked else []
+    read = [read_answer(chat.call_format if item.tools else None, text) for item, text in zip(asked, texts, strict=True)]
+    answers = [r.content for r in read]
     rewards = scorer(asked, answers, args.eval_batch_size) if scorer is not None and asked else None
     rows: list[dict[str, Any]] = []
-    for i, (item, answer) in enumerate(zip(asked, answers, strict=True)):
+    called: list[tuple[Any, Any]] = []  # (predicted calls, reference calls) of prompts whose reference calls tools
+    for i, (item, answer, got) in enumerate(zip(asked, answers, read, strict=True)):
         row: dict[str, Any] = {"model": label, "set": "eval" if i < len(items) else "probe", "prompt": item.prompt}
         row["response"] = answer
-        if item.reference is not None:
+        if got.tool_calls:
+            row["tool_calls"] = [c.as_dict() for c in got.tool_calls]
+        if item.reference_calls:
+            row["reference_tool_calls"] = [c.as_dict() for c in item.reference_calls]
+            row["tool_call_match"] = calls_match(got.tool_calls, item.reference_calls)
+            called.append((got.tool_calls, item.reference_calls))
+        elif item.reference is not None:
             row["reference"] = item.reference
             row.update(answer_scores(answer, item.reference, args.segmentation))
         if rewards is not None:
             row["reward"] = round(rewards[i], 4)
         rows.append(row)
     rows += suite_rows
-    scored = [(a, it.reference) for a, it in zip(answers[: len(items)], items, strict=True) if it.reference]
+    metrics.update(tool_call_scores(called))
+    scored = [
+        (a, it.reference) for a, it in zip(answers[: len(items)], items, strict=True) if it.reference and not it.reference_calls
+    ]
     if scored:
         preds, refs = zip(*scored, strict=True)
         metrics.update(score_answers(list(preds), list(refs), args.segmentation))
@@ -143,7 +157,10 @@ def evaluate_model(
 def _summary_table(results: list[dict[str, Any]]) -> str:
     keys = [
         k
-        for k in ("perplexity", "exact_match", "bleu4", "rouge_l", "reward_mean", "probe_reward_mean", *DRIFT_KEYS)
+        for k in (
+            "perplexity", "exact_match", "bleu4", "rouge_l", "tool_call_accuracy", "reward_mean", "probe_reward_mean",
+            *DRIFT_KEYS,
+        )  # fmt: skip
         if any(k in r["metrics"] for r in results)
     ]
     width = max(len(r["label"]) for r in results)

@@ -3,8 +3,10 @@
 Input (--data_file): .txt (one prompt per line) or .jsonl/.json/.csv/.parquet records whose prompt is
 `prompt`, `instruction` (+ `input`), `question` or `query` (with an optional `history` of
 [question, answer] pairs and `system`/`system_prompt`), or a `messages`/`conversations` record whose
-last user turn is the prompt (earlier turns are the history). Output: one JSON object per line,
-{"prompt", "response"} (+ "reference" when the record has an answer), in input order.
+last user turn is the prompt (earlier turns are the history; a record ending with a tool result is a prompt as
+it stands). Records may offer `tools` and hold tool calls and results (tunestack.data.tools). Output: one JSON
+object per line, {"prompt", "response"} (+ "tool_calls" when the model calls tools, + "reference" /
+"reference_tool_calls" when the record has an answer), in input order.
 MedicalGPT's inference.py flags are accepted: --interactive runs the chat, --single_tune without history.
 """
 
@@ -18,21 +20,27 @@ from typing import Any
 
 from tunestack.atomic import write_jsonl_atomic
 from tunestack.config.infer import ChatArguments, GenerationArguments, InferArguments, ModelSelection
+from tunestack.data.records import RecordProblem
+from tunestack.data.tools import Tool, ToolCall, parse_calls, parse_tools
 from tunestack.errors import ConfigError, DataError
 from tunestack.infer.generate import ChatModel, describe
+from tunestack.infer.tool_calls import read_answer
 
 PROMPT_KEYS = ("instruction", "prompt", "question", "query")
 REFERENCE_KEYS = ("output", "response", "answer", "chosen", "response_chosen")
 TURN_KEYS = ("messages", "conversations")
 _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_ROLES |= {"function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 
 
 @dataclass
 class PromptItem:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     system: str | None
     where: str
     reference: str | None = None
+    tools: tuple[Tool, ...] = ()
+    reference_calls: tuple[ToolCall, ...] | None = None  # the calls the reference answer makes
 
     @property
     def prompt(self) -> str:
@@ -53,25 +61,48 @@ def _system(data: dict[str, Any]) -> str | None:
     return None
 
 
+def _calls(turn: dict[str, Any], raw_role: str, i: int, key: str) -> tuple[ToolCall, ...]:
+    try:
+        if raw_role == "function_call":
+            return parse_calls(turn.get("value", turn.get("content")), f"turn {i} of '{key}' (function_call)")
+        return parse_calls(turn["tool_calls"], f"turn {i} of '{key}' 'tool_calls'") if turn.get("tool_calls") else ()
+    except RecordProblem as bad:
+        raise ValueError(bad.message) from None
+
+
+def _tools(data: dict[str, Any]) -> tuple[Tool, ...]:
+    try:
+        return parse_tools(data.get("tools"))
+    except RecordProblem as bad:
+        raise ValueError(bad.message) from None
+
+
 def _from_turns(data: dict[str, Any], key: str, where: str) -> PromptItem:
     turns = data[key]
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"'{key}' must be a non-empty list of turns")
     system = _system(data)
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     for i, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
             raise ValueError(f"turn {i} of '{key}' must be an object")
-        role = _ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
-        content = _text(turn.get("content", turn.get("value")))
+        raw_role = str(turn.get("role", turn.get("from", ""))).lower()
+        role = _ROLES.get(raw_role)
+        calls = _calls(turn, raw_role, i, key) if role == "assistant" else ()
+        content = "" if calls and raw_role == "function_call" else _text(turn.get("content", turn.get("value")))
+        if content is None and calls:
+            content = ""
         if role is None or content is None:
-            raise ValueError(f"turn {i} of '{key}' needs a role (user/assistant/system) and a text content")
+            raise ValueError(f"turn {i} of '{key}' needs a role (user/assistant/system/tool) and a text content")
         if role == "system":
             system = content or system
-        elif messages and messages[-1]["role"] == role:
+        elif messages and messages[-1]["role"] == role and role != "tool" and not calls and "tool_calls" not in messages[-1]:
             messages[-1]["content"] += "\n" + content  # two turns of one role in a row: joined
         else:
-            messages.append({"role": role, "content": content})
+            messages.append({"role": role, "content": content, **({"tool_calls": list(calls)} if calls else {})})
+    tools = _tools(data)
+    if messages and messages[-1]["role"] == "tool":  # tool results to answer from: the prompt as it stands
+        return PromptItem(messages, system, where, None, tools)
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError(f"'{key}' has no user turn")
@@ -80,7 +111,8 @@ def _from_turns(data: dict[str, Any], key: str, where: str) -> PromptItem:
         history = history[1:]  # an opening assistant greeting cannot be rendered by most templates
     after = messages[last_user + 1 :]
     reference = after[0]["content"] if after else None
-    return PromptItem(history, system, where, reference)
+    reference_calls = tuple(after[0].get("tool_calls", ())) if after and tools else None
+    return PromptItem(history, system, where, reference or None, tools, reference_calls)
 
 
 def _from_fields(data: dict[str, Any], where: str) -> PromptItem | None:
@@ -99,7 +131,7 @@ def _from_fields(data: dict[str, Any], where: str) -> PromptItem | None:
                 raise ValueError("'history' must be a list of [question, answer] pairs")
         messages.append({"role": "user", "content": prompt})
         reference = next((_text(data.get(k)) for k in REFERENCE_KEYS if _text(data.get(k))), None)
-        return PromptItem(messages, _system(data), where, reference)
+        return PromptItem(messages, _system(data), where, reference, _tools(data))
     return None
 
 
@@ -150,7 +182,8 @@ def generate_all(
     from tqdm import tqdm
 
     encoded = [
-        chat_model.prompt_ids(item.messages, item.system or default_system, options.max_new_tokens)[0] for item in items
+        chat_model.prompt_ids(item.messages, item.system or default_system, options.max_new_tokens, item.tools)[0]
+        for item in items
     ]
     order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
     answers: list[str] = [""] * len(items)
@@ -178,10 +211,15 @@ def run_infer(selection: ModelSelection, options: GenerationArguments, args: Inf
     answers = generate_all(chat_model, items, options, args.eval_batch_size, chat_model.system_for(options))
     seconds = time.time() - started
     rows = []
-    for item, answer in zip(items, answers, strict=True):
-        row: dict[str, Any] = {"prompt": item.prompt, "response": answer}
+    for item, text in zip(items, answers, strict=True):
+        answer = read_answer(chat_model.call_format if item.tools else None, text)
+        row: dict[str, Any] = {"prompt": item.prompt, "response": answer.content}
+        if answer.tool_calls:
+            row["tool_calls"] = [c.as_dict() for c in answer.tool_calls]
         if item.reference is not None:
             row["reference"] = item.reference
+        if item.reference_calls:
+            row["reference_tool_calls"] = [c.as_dict() for c in item.reference_calls]
         rows.append(row)
     write_jsonl_atomic(output, rows)
     new_tokens = sum(len(chat_model.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

@@ -24,12 +24,10 @@ from tunestack.model.ref import resolve_stack, training_system_prompt
 
 logger = logging.getLogger(__name__)
 
-Messages = Sequence[Mapping[str, str]]
+Messages = Sequence[Mapping[str, Any]]
 
 
-
-
-def _named_template(name: str | None, tokenizer: Any) -> Any:
+def _named_template(name: str | None, tokenizer: Any, tool_format: str = "auto") -> Any:
     """The template object of tunestack.data.templates for a named template, or None for the tokenizer's own."""
     try:
         from tunestack.data import templates
@@ -39,7 +37,11 @@ def _named_template(name: str | None, tokenizer: Any) -> Any:
         return None
     if name in templates.TOKENIZER_TEMPLATE_NAMES:
         return None
-    return templates.get_template(name, tokenizer)
+    return templates.get_template(name, tokenizer, tool_format)
+
+
+def _has_tool_turns(messages: Messages) -> bool:
+    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
 
 
 class _CallbackStreamer:
@@ -68,6 +70,7 @@ class ChatModel:
         name: str = "",
         default_system: str | None = None,
         defaults: Mapping[str, Any] | None = None,
+        tool_format: str = "auto",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -77,6 +80,9 @@ class ChatModel:
         self.default_system = default_system  # the system prompt the model was trained with, if any
         self.bos_id = auto_bos_id(tokenizer)
         self.defaults = dict(defaults or {})  # the sampling of the model folder's generation_config.json
+        self.tool_format = tool_format
+        self._tools_template: Any = None
+        self._call_format: Any = None
 
     @classmethod
     def load(cls, selection: ModelSelection) -> ChatModel:
@@ -84,7 +90,7 @@ class ChatModel:
 
         ref = resolve_stack(selection.reference, selection.adapter_path)
         tokenizer = load_tokenizer(ref, selection.tokenizer_path, selection.trust_remote_code)
-        template = _named_template(selection.template_name, tokenizer)
+        template = _named_template(selection.template_name, tokenizer, selection.tool_format)
         if template is None and not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 f"the tokenizer of {ref.reference} has no chat template (a base model?): pass --template_name, "
@@ -112,7 +118,8 @@ class ChatModel:
             extra = template_stop_ids(template, tokenizer)
         stops = stop_token_ids(ref, model, tokenizer, extra)
         defaults = sampling_defaults(ref, model)
-        return cls(model, tokenizer, stops, template, ref.reference, training_system_prompt(ref), defaults)
+        system = training_system_prompt(ref)
+        return cls(model, tokenizer, stops, template, ref.reference, system, defaults, selection.tool_format)
 
     def system_for(self, options: GenerationArguments) -> str | None:
         """--system_prompt when given ('' for none), else the system prompt of training."""
@@ -120,12 +127,32 @@ class ChatModel:
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def render(self, messages: Messages, system: str | None = None) -> str:
-        """The prompt text for the next answer: `messages` alternate user/assistant and end with a user turn."""
-        if self.template is not None:
+    @property
+    def tools_template(self) -> Any:
+        """The template of conversations with tools: the named one, else the tokenizer's own (which writes tools
+        itself, or in the named tool format saved in front of it, else in the default format)."""
+        if self._tools_template is None:
+            from tunestack.data.templates import get_template
+
+            self._tools_template = self.template or get_template(None, self.tokenizer, self.tool_format)
+        return self._tools_template
+
+    @property
+    def call_format(self) -> Any:
+        """The tool format the model answers in (tunestack.data.tool_formats.ToolFormat)."""
+        if self._call_format is None:
+            from tunestack.data.templates import call_format
+
+            self._call_format = call_format(self.tools_template, self.tokenizer)
+        return self._call_format
+
+    def render(self, messages: Messages, system: str | None = None, tools: Sequence[Mapping[str, Any]] = ()) -> str:
+        """The prompt text for the next answer: `messages` alternate user/assistant and end with a user turn (or
+        tool results after the assistant's calls); `tools` are the function schemas the model may call."""
+        if self.template is not None or tools or _has_tool_turns(messages):
             from tunestack.data.templates import render_prompt
 
-            return render_prompt(self.template, self.tokenizer, messages, system)
+            return render_prompt(self.tools_template, self.tokenizer, messages, system, tuple(tools))
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]
         with_system = ([{"role": "system", "content": system}] if system else []) + turns
         try:
@@ -152,21 +179,25 @@ class ChatModel:
         )
         return getattr(config, "max_position_embeddings", None)
 
-    def prompt_ids(self, messages: Messages, system: str | None, max_new_tokens: int) -> tuple[list[int], int]:
-        """Ids of the prompt for `messages` within the context window, and how many old turns were dropped.
+    def prompt_ids(
+        self, messages: Messages, system: str | None, max_new_tokens: int, tools: Sequence[Mapping[str, Any]] = ()
+    ) -> tuple[list[int], int]:
+        """Ids of the prompt for `messages` within the context window, and how many old messages were dropped.
 
-        The oldest user/assistant pairs go first; a single question that is still too long keeps its end.
+        The oldest exchanges (a question with its answers, calls and results) go first; a single question that is
+        still too long keeps its end.
         """
         messages = list(messages)
         limit = (self.context_length or 0) - max_new_tokens
         dropped = 0
         while True:
-            ids = self.encode(self.render(messages, system))
+            ids = self.encode(self.render(messages, system, tools))
             if limit <= 0 or len(ids) <= limit:
                 return ids, dropped
-            if len(messages) > 2:
-                messages = messages[2:]
-                dropped += 1
+            later = [i for i, m in enumerate(messages) if m.get("role") == "user" and i > 0]
+            if later:
+                dropped += later[0]
+                messages = messages[later[0] :]
                 continue
             logger.warning("the prompt has %d tokens, more than the %d that fit; keeping its end", len(ids), limit)
             return ids[-limit:], dropped
@@ -252,9 +283,10 @@ class ChatModel:
         messages: Messages,
         options: GenerationArguments,
         on_text: Callable[[str], None] | None = None,
+        tools: Sequence[Mapping[str, Any]] = (),
     ) -> str:
         """One answer to the conversation `messages` (ending with a user turn)."""
-        ids, _ = self.prompt_ids(messages, self.system_for(options), options.max_new_tokens)
+        ids, _ = self.prompt_ids(messages, self.system_for(options), options.max_new_tokens, tools)
         return self.generate([ids], options, on_text)[0]
 
 

@@ -141,8 +141,9 @@ def load_model(
     device_map = _device_map(args)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if getattr(args, "attn_implementation", None):
-        kwargs["attn_implementation"] = args.attn_implementation
+    attention = attention_implementation(args)
+    if attention:
+        kwargs["attn_implementation"] = attention
     try:
         model = model_class.from_pretrained(base_dir, **kwargs)
     except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
@@ -154,6 +155,21 @@ def load_model(
         grow_embeddings(model, tokenizer)
     model = stack_adapters(model, [*adapters, live] if live else adapters, keep_last=live is not None)
     return model
+
+
+def attention_implementation(args: Any) -> str | None:
+    """--attn_implementation, else MedicalGPT's --flash_attn True: FlashAttention-2 where the flash-attn package
+    and a CUDA GPU are there, SDPA (with a warning) where they are not."""
+    if getattr(args, "attn_implementation", None):
+        return args.attn_implementation
+    if not getattr(args, "flash_attn", False):
+        return None
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        return "flash_attention_2"
+    logger.warning("--flash_attn True: flash-attention 2 is not available here (package or CUDA GPU); using SDPA")
+    return "sdpa"
 
 
 def _materialize_merged(ref: ModelRef, adapters: list[Path]) -> Path:

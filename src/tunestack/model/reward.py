@@ -189,18 +189,20 @@ def score_responses(
     model: Any,
     tokenizer: Any,
     template: Any,
-    prompts: Sequence[tuple[str | None, Sequence[Message]]],
-    responses: Sequence[str],
+    prompts: Sequence[tuple[Any, ...]],
+    responses: Sequence[str | Message],
     batch_size: int = 8,
     max_length: int | None = None,
 ) -> list[float]:
-    """Scores of answers to (system, prompt turns) prompts, tokenized exactly as the reward model was trained."""
+    """Scores of answers to (system, prompt turns[, tools]) prompts, tokenized exactly as the reward model was
+    trained; an answer is a text or an assistant message (which may call tools)."""
     from tunestack.data.preference_encoding import PreferenceEncoder, PreferenceLimits
 
     limits = PreferenceLimits(max_source_length=1 << 30, max_target_length=1 << 30)
     encoder = PreferenceEncoder(tokenizer, template, limits)
     sequences = []
-    for (system, prompt), response in zip(prompts, responses, strict=True):
-        ids = encoder.prompt_ids(system, prompt)[0] + encoder.answer_ids(system, prompt, response)
+    for (system, prompt, *rest), response in zip(prompts, responses, strict=True):
+        tools = rest[0] if rest else ()
+        ids = encoder.prompt_ids(system, prompt, tools)[0] + encoder.answer_ids(system, prompt, response, tools)
         sequences.append(_keep_last(ids, max_length))
     return score_ids(model, sequences, _pad_id(tokenizer), batch_size)

@@ -164,6 +164,7 @@ EVAL_COLUMNS = (
     ("exact_match", "exact match %", "{:.1f}"),
     ("bleu4", "BLEU-4", "{:.2f}"),
     ("rouge_l", "ROUGE-L", "{:.2f}"),
+    ("tool_call_accuracy", "tool-call accuracy %", "{:.1f}"),
     ("reward_mean", "RM score", "{:+.3f}"),
     ("probe_reward_mean", "RM score (probes)", "{:+.3f}"),
     ("seconds", "seconds", "{:.0f}"),

@@ -38,7 +38,7 @@ def ppo_settings(args: Any, n_prompts: int) -> PPOSettings:
         ppo_epochs=d.ppo_epochs,
         max_new_tokens=d.max_target_length,
         temperature=d.temperature,
-        init_kl_coef=d.init_kl_coef,
+        init_kl_coef=d.kl_coef,
         adap_kl_ctrl=d.adap_kl_ctrl,
         target_kl=d.target_kl,
         gamma=d.gamma,
@@ -70,11 +70,11 @@ class PPORun:
         self.data = data
         self.record = record  # written into every checkpoint's marker (see train/resume.py)
         self.out_dir = Path(args.train.output_dir)
-        self.template = get_template(args.data.template_name, ctx.tokenizer)
-        functions = build_reward_functions(args.data.reward_model, args.data.reward_funcs)
+        self.template = get_template(args.data.template_name, ctx.tokenizer, args.data.tool_format)
+        functions = build_reward_functions(args.data.reward_model, data.extras.get("reward_funcs", args.data.reward_funcs))
 
-        def reward(prompts: list[str], completions: list[str], completions_with_stop: list[str]) -> list[float]:
-            return total_reward(functions, prompts, completions, completions_with_stop=completions_with_stop)
+        def reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+            return total_reward(functions, prompts, completions, **kwargs)
 
         self.settings = ppo_settings(args, len(data.train))
         if args.data.disable_dropout:  # p = 0 in every nn.Dropout, LoRA's included, as TRL's trainers do

@@ -164,7 +164,12 @@ class PPOLoop:
             completions.append(self.tokenizer.decode(kept, skip_special_tokens=True))
             with_stop.append(self.tokenizer.decode(kept, skip_special_tokens=False))
         raw = torch.tensor(
-            self.reward_fn(prompts=prompt_texts, completions=completions, completions_with_stop=with_stop),
+            self.reward_fn(
+                prompts=prompt_texts,
+                completions=completions,
+                completions_with_stop=with_stop,
+                answer=[getattr(p, "answer", None) for p in prompts],
+            ),
             dtype=torch.float32,
             device=device,
         )

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from tunestack.config.infer import GenerationArguments
+from tunestack.infer.tool_calls import openai_tool_calls
 from tunestack.serve.generation import Generation, Limits, plan
 from tunestack.serve.guard import Capacity, Guard
 from tunestack.serve.models import RewardScorer, ServedModel, prompt_for
@@ -188,7 +189,8 @@ def create_app(
         decoding = plan(body, served, defaults, limits, len(ids))
         take_slots(body.n)
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        gen = Generation(served, ids, decoding, body.n, limits.request_timeout, rid, stats)
+        read_calls = kind == "chat" and body.calls_wanted
+        gen = Generation(served, ids, decoding, body.n, limits.request_timeout, rid, stats, read_calls)
         try:
             gen.start()
         except BaseException:
@@ -221,7 +223,8 @@ def create_app(
         reasons = [c.reason or "length" for c in gen.choices]
         use = usage(len(ids), gen.completion_tokens)
         if kind == "chat":
-            return chat_response(rid, served.name, texts, reasons, use)
+            calls = [openai_tool_calls(c.tool_calls) if c.tool_calls else None for c in gen.choices]
+            return chat_response(rid, served.name, texts, reasons, use, calls)
         return completion_response(rid, served.name, texts, reasons, use)
 
     async def stream(request: Request, gen: Generation, body: Any, kind: str) -> AsyncIterator[str]:
@@ -234,6 +237,10 @@ def create_app(
                 if kind == "chat":
                     if piece:
                         yield sse(chat_chunk(gen.rid, name, index, {"content": piece}))
+                    calls = gen.choices[index].tool_calls if reason == "tool_calls" else ()
+                    if calls:
+                        deltas = [{"index": k, **c} for k, c in enumerate(openai_tool_calls(calls))]
+                        yield sse(chat_chunk(gen.rid, name, index, {"tool_calls": deltas}))
                     if reason:
                         yield sse(chat_chunk(gen.rid, name, index, {}, reason))
                 else:
@@ -264,7 +271,7 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         served = served_model(body.model)
         system, turns = body.conversation(limits.max_messages)
-        ids = prompt_for(served.chat_model, system, turns, defaults)
+        ids = prompt_for(served.chat_model, system, turns, defaults, body.tool_list())
         return await answer(request, body, served, ids, "chat")
 
     @app.post("/v1/completions")

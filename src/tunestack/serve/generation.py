@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunestack.config.infer import GenerationArguments
+from tunestack.data.tools import ToolCall
 from tunestack.infer.decoding import Sampling, resolve_sampling
+from tunestack.infer.tool_calls import CallStream
 from tunestack.serve.engine import Job
 from tunestack.serve.models import ServedModel, new_job
 from tunestack.serve.protocol import APIError, Sampled
@@ -83,6 +85,8 @@ class Choice:
     text: TextAssembler
     job: Job
     reason: str | None = None
+    calls: CallStream | None = None  # when tools are offered: holds back call text, reads the calls at the end
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass
@@ -96,6 +100,7 @@ class Generation:
     timeout: float
     rid: str
     stats: Any = None
+    read_calls: bool = False  # tools offered (tool_choice not none): answers are read for tool calls
     choices: list[Choice] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -110,12 +115,15 @@ class Generation:
             job = new_job(self.prompt_ids, self.plan.max_new_tokens, self.plan.sampling, seed, i, events)
             job.loop = loop
             assembler = TextAssembler(chat_model.tokenizer, chat_model.stop_ids, self.plan.stop_strings)
-            self.choices.append(Choice(assembler, job))
+            calls = CallStream(chat_model.call_format) if self.read_calls else None
+            self.choices.append(Choice(assembler, job, calls=calls))
             self.served.engine.submit(job)
         self.events = events
 
     async def pieces(self, request: Any) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice index, new text, finish_reason when that choice ended) until every choice has ended."""
+        """(choice index, new text, finish_reason when that choice ended) until every choice has ended. With
+        tools, the text of calls is held back: a choice that calls tools ends with "tool_calls" (its calls in
+        `tool_calls`); a malformed call is text."""
         deadline = self.started + self.timeout
         open_choices = self.n
         while open_choices:
@@ -136,9 +144,19 @@ class Generation:
             if tokens and self.first_token is None:
                 self.first_token = time.perf_counter()
             piece = choice.text.feed(tokens)
-            if choice.text.stopped or done:
+            ended = bool(choice.text.stopped or done)
+            if ended:
                 piece += choice.text.finish()
+            if choice.calls is not None:
+                piece = choice.calls.feed(piece)
+                if ended:
+                    rest, answer = choice.calls.finish(choice.text.text)
+                    piece += rest
+                    choice.tool_calls = answer.tool_calls
+            if ended:
                 choice.reason = "stop" if choice.text.stopped else "length"
+                if choice.tool_calls:
+                    choice.reason = "tool_calls"
                 if not choice.job.done:  # a stop string: the engine need not go on
                     self.served.engine.cancel(choice.job)
                 open_choices -= 1

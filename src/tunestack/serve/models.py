@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.config.infer import GenerationArguments, ModelSelection
-from tunestack.errors import ConfigError
+from tunestack.errors import ConfigError, DataError
 from tunestack.infer.generate import ChatModel
 from tunestack.serve.engine import Engine, Job, build_engine
 from tunestack.serve.protocol import APIError, ChatMessage
@@ -85,15 +85,19 @@ def load_models(
 
 
 def prompt_for(
-    chat_model: ChatModel, system: str | None, turns: list[dict[str, str]], defaults: GenerationArguments
+    chat_model: ChatModel,
+    system: str | None,
+    turns: list[dict[str, Any]],
+    defaults: GenerationArguments,
+    tools: tuple[dict[str, Any], ...] = (),
 ) -> list[int]:
     """Prompt ids as `tunestack chat` makes them: no system message sent means the server's --system_prompt,
-    else the system prompt of training; an empty one means none."""
+    else the system prompt of training; an empty one means none. `tools` are offered as training wrote them."""
     if system is None:
         system = chat_model.system_for(defaults)
     try:
-        return chat_model.encode(chat_model.render(turns, system or None))
-    except ConfigError as exc:
+        return chat_model.encode(chat_model.render(turns, system or None, tools))
+    except (ConfigError, DataError, ValueError) as exc:
         raise APIError(400, str(exc), param="messages") from None
 
 

@@ -1,19 +1,27 @@
 """The OpenAI wire format: request models, their checks, response bodies and error bodies.
 
-Only text is served: a content part that is not text (image_url, input_audio, file), `tools` or `logprobs`
-is a 400, never fetched or read; unknown extra fields (`user`, `metadata` ...) are accepted and ignored.
+Only text is served: a content part that is not text (image_url, input_audio, file), the legacy `functions`
+or `logprobs` is a 400, never fetched or read; unknown extra fields (`user`, `metadata` ...) are accepted and
+ignored. `tools` with `tool_choice` auto (the default) or none are served: calls come back as OpenAI
+`tool_calls` (arguments as a JSON string) with finish_reason "tool_calls"; `tool` messages carry results.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ROLES = ("system", "developer", "user", "assistant")
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "echo", "best_of")
+from tunestack.data.formats import as_message, turn_order_problem
+from tunestack.data.records import RecordProblem
+from tunestack.data.tools import Tool, ToolCall, calls_from_dicts, parse_tools
+from tunestack.errors import DataError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "echo", "best_of")
 
 
 class APIError(Exception):
@@ -100,6 +108,15 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def calls(self, where: str) -> tuple[ToolCall, ...]:
+        if self.role != "assistant" or not self.tool_calls:
+            return ()
+        try:
+            return calls_from_dicts(self.tool_calls, f"{where}.tool_calls")
+        except DataError as exc:
+            raise APIError(400, str(exc), param=f"{where}.tool_calls") from None
 
     def text(self, where: str) -> str:
         if self.content is None:
@@ -117,13 +134,35 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(Sampled):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
-    def conversation(self, max_messages: int) -> tuple[str | None, list[dict[str, str]]]:
-        """(system prompt or None when none was sent, user/assistant turns ending with a user turn)."""
+    def check(self, max_n: int) -> None:
+        super().check(max_n)
+        choice = self.tool_choice
+        if choice not in (None, "auto", "none"):
+            shown = choice if isinstance(choice, str) else (choice.get("type") if isinstance(choice, dict) else choice)
+            raise APIError(400, f"tool_choice '{shown}' is not supported (auto or none)", param="tool_choice")
+
+    def tool_list(self) -> tuple[Tool, ...]:
+        """The tools offered, checked (each {"type": "function", "function": {"name", ...}})."""
+        try:
+            return parse_tools(self.tools)
+        except RecordProblem as bad:
+            raise APIError(400, bad.message, param="tools") from None
+
+    @property
+    def calls_wanted(self) -> bool:
+        """Whether the answer is read for tool calls: tools offered and tool_choice not none."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def conversation(self, max_messages: int) -> tuple[str | None, list[dict[str, Any]]]:
+        """(system prompt or None when none was sent, turns ending with a user turn or tool results)."""
         if len(self.messages) > max_messages:
             raise APIError(400, f"at most {max_messages} messages per request", param="messages")
         system: list[str] | None = None
-        turns: list[dict[str, str]] = []
+        turns: list[dict[str, Any]] = []
+        numbers: list[int] = []  # the message index of each turn
         for i, message in enumerate(self.messages):
             where = f"messages[{i}]"
             if message.role not in ROLES:
@@ -131,18 +170,23 @@ class ChatCompletionRequest(Sampled):
                     400, f"{where}: role '{message.role}' is not supported ({', '.join(ROLES)})", param=where
                 )
             text = message.text(where)
+            calls = message.calls(where)
             if message.role in ("system", "developer"):
                 if turns:
                     raise APIError(400, f"{where}: a system message must come before the conversation", param=where)
                 system = [*(system or []), text]
-            elif turns and turns[-1]["role"] == message.role:
+            elif turns and turns[-1]["role"] == message.role != "tool" and not calls and not turns[-1].get("tool_calls"):
                 turns[-1]["content"] += "\n" + text  # two turns of one role in a row are joined, as in infer
             else:
-                turns.append({"role": message.role, "content": text})
+                turns.append({"role": message.role, "content": text, **({"tool_calls": calls} if calls else {})})
+                numbers.append(i)
         if not turns or turns[0]["role"] != "user":
             raise APIError(400, "the conversation must start with a user message", param="messages")
-        if turns[-1]["role"] != "user":
-            raise APIError(400, "the last message must be from the user", param="messages")
+        if turns[-1]["role"] not in ("user", "tool"):
+            raise APIError(400, "the last message must be from the user (or a tool result)", param="messages")
+        problem = turn_order_problem([as_message(t) for t in turns], numbers, prompt=True)
+        if problem:
+            raise APIError(400, re.sub(r"turns? (\d+)", r"messages[\1]", problem), param="messages")
         return ("\n".join(system) if system is not None else None), turns
 
 
@@ -181,10 +225,25 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_response(rid: str, model: str, texts: list[str], reasons: list[str], use: dict[str, int]) -> dict[str, Any]:
+def chat_message(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An assistant message; with `calls` (OpenAI tool_calls) its content is None when it has no text."""
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
+
+
+def chat_response(
+    rid: str,
+    model: str,
+    texts: list[str],
+    reasons: list[str],
+    use: dict[str, int],
+    calls: list[list[dict[str, Any]] | None] | None = None,
+) -> dict[str, Any]:
+    calls = calls or [None] * len(texts)
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
-        for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+        {"index": i, "message": chat_message(t, c), "finish_reason": r, "logprobs": None}
+        for i, (t, r, c) in enumerate(zip(texts, reasons, calls, strict=True))
     ]
     return {
         "id": rid,

@@ -11,10 +11,11 @@ from tunestack.data.templates import TokenizerTemplate, jinja_chat_template, sto
 def save_chat_files(tokenizer: Any, template: Any, base_dir: Path | None, output_dir: Path) -> None:
     """The chat template into the tokenizer files and the template's stop tokens into generation_config.json
     (starting from the base model's generation config), so merge, chat, serve and vLLM stop where training
-    taught the model to stop."""
+    taught the model to stop. A named tool format in use goes in front of the chat template (see
+    tunestack.data.tool_formats), so that tools are rendered and read back as training wrote them."""
     from transformers import GenerationConfig
 
-    if not isinstance(template, TokenizerTemplate):
+    if not isinstance(template, TokenizerTemplate) or template.tool_format != "auto":
         tokenizer.chat_template = jinja_chat_template(template)
         tokenizer.save_pretrained(output_dir)
     try:

@@ -38,7 +38,7 @@ class PreferenceStage(Stage):
         return []
 
     def _template(self, ctx: StageContext) -> Any:
-        return get_template(ctx.args.data.template_name, ctx.tokenizer)
+        return get_template(ctx.args.data.template_name, ctx.tokenizer, ctx.args.data.tool_format)
 
     def _samples(self, items: list[Item]) -> list[Item]:
         """What the trainer gets: pairs (rm, dpo) or, for kto, every pair split into two unpaired samples."""

@@ -31,7 +31,7 @@ class PretrainStage(Stage):
         context = getattr(ctx.model_config, "max_position_embeddings", None)
         block_size = resolve_block_size(args.data.block_size, context)
         tok = ctx.tokenizer
-        if args.train.document_attention and tok.eos_token_id is not None:
+        if _document_attention(args) and tok.eos_token_id is not None:
             collator = DocumentCollator(tok.pad_token_id, tok.eos_token_id)
         else:
             collator = PadCollator(tok.pad_token_id)
@@ -71,7 +71,7 @@ class PretrainStage(Stage):
         return {"data_collator": data.collator, "processing_class": ctx.tokenizer, **lm_metric_kwargs()}
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
-        return lm_trainer_mixins(ctx.args.train, model, packed=ctx.args.train.document_attention)
+        return lm_trainer_mixins(ctx.args.train, model, packed=_document_attention(ctx.args))
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:
         s, m = data.stats, result["metrics"]
@@ -92,3 +92,8 @@ class PretrainStage(Stage):
 
 def main(argv: list[str]) -> int:
     return PretrainStage().main(argv)
+
+
+def _document_attention(args: Any) -> bool:
+    """--document_attention, or MedicalGPT's --packing False (documents do not see each other)."""
+    return bool(args.train.document_attention or not args.data.packing)

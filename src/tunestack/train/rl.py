@@ -12,7 +12,7 @@ from tunestack.config.rl import RLArguments
 from tunestack.data.prompts import Prompt, PromptEncoder, load_prompts
 from tunestack.data.records import first_n, split_held_out
 from tunestack.data.templates import get_template
-from tunestack.rl.rewards import build_reward_functions
+from tunestack.rl.rewards import build_reward_functions, default_reward_funcs
 from tunestack.rundir import OutputFolder
 from tunestack.train.base import PreparedData, Stage, StageContext, trl_config
 from tunestack.train.callbacks import GracefulStop
@@ -35,22 +35,29 @@ class RLStage(Stage):
         elif ctx.args.train.do_eval:
             prompts, held = split_held_out(prompts, d.validation_split_percentage, ctx.args.train.seed)
         prompts, held = first_n(prompts, d.max_train_samples), first_n(held, d.max_eval_samples)
+        reward_funcs = default_reward_funcs(d.reward_model, d.reward_funcs, [p.answer for p in prompts])
+        if reward_funcs == "accuracy" and not d.reward_funcs:
+            logger.info("reward: accuracy against each prompt's answer (no --reward_model or --reward_funcs given)")
         fingerprint = hashlib.sha256(json.dumps([p.origin for p in prompts + held]).encode()).hexdigest()[:16]
-        stats = {"train_prompts": len(prompts), "eval_prompts": len(held)}
+        stats = {"train_prompts": len(prompts), "eval_prompts": len(held), "reward_funcs": reward_funcs}
+        stats["prompts_with_answers"] = sum(p.answer is not None for p in prompts)
+        stats["prompts_with_tools"] = sum(bool(p.tools) for p in prompts)
         if d.algo != "ppo":
             prompts, held = self._as_text_dataset(ctx, prompts), self._as_text_dataset(ctx, held) if held else None
-        return PreparedData(prompts, held, None, fingerprint, stats)
+        return PreparedData(prompts, held, None, fingerprint, stats, extras={"reward_funcs": reward_funcs})
 
     def _as_text_dataset(self, ctx: StageContext, prompts: list[Prompt]) -> Any:
         import datasets
 
         encode = self._encoder(ctx)
         texts = [ctx.tokenizer.decode(encode(p), skip_special_tokens=False) for p in prompts]
-        return datasets.Dataset.from_dict({"prompt": texts})
+        return datasets.Dataset.from_dict({"prompt": texts, "answer": [p.answer for p in prompts]})
 
     def _encoder(self, ctx: StageContext) -> PromptEncoder:
         return PromptEncoder(
-            ctx.tokenizer, get_template(ctx.args.data.template_name, ctx.tokenizer), ctx.args.data.max_source_length
+            ctx.tokenizer,
+            get_template(ctx.args.data.template_name, ctx.tokenizer, ctx.args.data.tool_format),
+            ctx.args.data.max_source_length,
         )
 
     def fit(
@@ -96,16 +103,17 @@ class RLStage(Stage):
             num_generations=d.num_generations,
             max_completion_length=d.max_target_length,
             temperature=d.temperature,
-            beta=d.init_kl_coef,
+            beta=d.kl_coef,
             disable_dropout=d.disable_dropout,
         )
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         d = ctx.args.data
-        return {"processing_class": ctx.tokenizer, "reward_funcs": build_reward_functions(d.reward_model, d.reward_funcs)}
+        functions = build_reward_functions(d.reward_model, data.extras.get("reward_funcs", d.reward_funcs))
+        return {"processing_class": ctx.tokenizer, "reward_funcs": functions}
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
-        template = get_template(ctx.args.data.template_name, ctx.tokenizer)
+        template = get_template(ctx.args.data.template_name, ctx.tokenizer, ctx.args.data.tool_format)
         save_chat_files(ctx.tokenizer, template, ctx.ref.base_dir if ctx.ref else None, output_dir)
 
     def summary_lines(self, ctx: StageContext, data: PreparedData, result: dict[str, Any]) -> list[str]:

@@ -43,7 +43,7 @@ class SupervisedStage(Stage):
         return problems
 
     def _template(self, ctx: StageContext) -> Any:
-        return get_template(ctx.args.data.template_name, ctx.tokenizer)
+        return get_template(ctx.args.data.template_name, ctx.tokenizer, ctx.args.data.tool_format)
 
     def prepare_data(self, ctx: StageContext) -> PreparedData:
         d = ctx.args.data
