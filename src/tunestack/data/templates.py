@@ -17,115 +17,37 @@ separators are not.
 from __future__ import annotations
 
 import difflib
-import functools
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from importlib import resources
-from typing import Any, NamedTuple
-
-import yaml
+from dataclasses import dataclass
+from typing import Any
 
 from tunestack.data.formats import Conversation, Message
+from tunestack.data.named_templates import (
+    NamedTemplate,
+    Segment,
+    named_jinja_template,
+    named_templates,
+    template_names,
+)
+from tunestack.data.named_templates import single_token_id as _single_token_id
 from tunestack.errors import ConfigError
 
+__all__ = [
+    "NamedTemplate",
+    "Segment",
+    "Template",
+    "TokenizerTemplate",
+    "conversation_segments",
+    "get_template",
+    "jinja_chat_template",
+    "named_templates",
+    "prompt_segments",
+    "render_prompt",
+    "stop_token_ids",
+    "template_names",
+]
+
 TOKENIZER_TEMPLATE_NAMES = (None, "", "auto", "default", "tokenizer")
-
-
-class Segment(NamedTuple):
-    text: str
-    trainable: bool
-
-
-# ---------------------------------------------------------------------------------------------
-# Named templates
-
-
-@dataclass(frozen=True)
-class NamedTemplate:
-    """A fixed chat format; see templates/templates.yaml for the meaning of each field."""
-
-    name: str
-    user: str
-    stop: str
-    prefix: str = ""
-    system: str = "{content}"
-    assistant_header: str = ""
-    separator: str = ""
-    default_system: str | None = None
-    system_in_user: bool = False
-    special_tokens: tuple[str, ...] = ()
-    stop_words: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-
-    def _fill(self, slot: str, tokenizer: Any, content: str = "") -> str:
-        bos = tokenizer.bos_token or ""
-        eos = tokenizer.eos_token or ""
-        return slot.replace("{bos}", bos).replace("{eos}", eos).replace("{content}", content)
-
-    def render(self, tokenizer: Any, system: str | None, messages: Sequence[Message]) -> list[Segment]:
-        """Segments of `messages` (alternating, from a user turn); a trailing user turn ends with the assistant header."""
-        system = system if system is not None else self.default_system
-        pending = self._fill(self.prefix, tokenizer)
-        first_user_prefix = ""
-        if system:
-            if self.system_in_user:
-                first_user_prefix = self._fill(self.system, tokenizer, system)
-            else:
-                pending += self._fill(self.system, tokenizer, system)
-        segments: list[Segment] = []
-        for i, message in enumerate(messages):
-            if message.role == "user":
-                content = (first_user_prefix if i == 0 else "") + message.content
-                pending += self._fill(self.user, tokenizer, content) + self._fill(self.assistant_header, tokenizer)
-                continue
-            if pending:
-                segments.append(Segment(pending, False))
-            segments.append(Segment(message.content + self._fill(self.stop, tokenizer), True))
-            pending = self._fill(self.separator, tokenizer)
-        if pending:
-            segments.append(Segment(pending, False))
-        return segments
-
-    def stop_strings(self, tokenizer: Any) -> list[str]:
-        return [self._fill(self.stop, tokenizer), *self.stop_words]
-
-    def check(self, tokenizer: Any) -> None:
-        """ConfigError unless every special token of the template is one token of `tokenizer`."""
-        if "{eos}" in self.stop and not tokenizer.eos_token:
-            raise ConfigError(f"template '{self.name}' ends turns with the EOS token, but the tokenizer has none")
-        needed = [*self.special_tokens, self._fill(self.stop, tokenizer)]
-        missing = [t for t in dict.fromkeys(needed) if _single_token_id(tokenizer, t) is None]
-        if missing:
-            raise ConfigError(
-                f"template '{self.name}' needs {', '.join(missing)} as single tokens, but this tokenizer does not "
-                f"have them: the template does not match the model; omit template_name to use the tokenizer's "
-                f"own chat template, or pick the model's template"
-            )
-
-
-_FIELD_NAMES = {f.name for f in fields(NamedTemplate)}
-
-
-@functools.cache
-def named_templates() -> dict[str, NamedTemplate]:
-    """All named templates by name and alias, from templates/templates.yaml."""
-    path = resources.files("tunestack.data").joinpath("templates", "templates.yaml")
-    table = yaml.safe_load(path.read_text(encoding="utf-8"))
-    out: dict[str, NamedTemplate] = {}
-    for name, spec in table.items():
-        unknown = set(spec) - _FIELD_NAMES
-        if unknown:
-            raise ValueError(f"templates.yaml: template '{name}' has unknown keys {sorted(unknown)}")
-        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-        template = NamedTemplate(name=name, **spec)
-        for key in (name, *template.aliases):
-            out[key] = template
-    return out
-
-
-def template_names() -> list[str]:
-    return sorted({t.name for t in named_templates().values()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,57 +255,4 @@ def jinja_chat_template(template: Template) -> str:
     """A jinja chat_template that renders exactly like `template` (to save with the tokenizer)."""
     if isinstance(template, TokenizerTemplate):
         return template.source
-    t = template
-    sys_before, sys_after = _split_slot(t.system)
-    user_before, user_after = _split_slot(t.user)
-    default = _jinja_expr(t.default_system) if t.default_system else "''"
-    system_block = (
-        "{%- if loop.first and system_message -%}"
-        f"{{%- set content = {sys_before} + system_message + {sys_after} + content -%}}"
-        "{%- endif -%}"
-    )
-    parts = [
-        "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
-        f"{{%- else -%}}{{%- set system_message = {default} -%}}{{%- set loop_messages = messages -%}}",
-        "{%- endif -%}",
-        f"{{{{- {_jinja_expr(t.prefix)} -}}}}",
-        ""
-        if t.system_in_user
-        else f"{{%- if system_message -%}}{{{{- {sys_before} + system_message + {sys_after} -}}}}{{%- endif -%}}",
-        "{%- for message in loop_messages -%}",
-        "{%- if message['role'] == 'user' -%}",
-        "{%- set content = message['content'] -%}",
-        system_block if t.system_in_user else "",
-        f"{{{{- {user_before} + content + {user_after} -}}}}",
-        "{%- elif message['role'] == 'assistant' -%}",
-        f"{{{{- {_jinja_expr(t.assistant_header)} + message['content'] + {_jinja_expr(t.stop)} + {_jinja_expr(t.separator)} -}}}}",
-        "{%- endif -%}",
-        "{%- endfor -%}",
-        f"{{%- if add_generation_prompt -%}}{{{{- {_jinja_expr(t.assistant_header)} -}}}}{{%- endif -%}}",
-    ]
-    return "".join(parts)
-
-
-def _split_slot(slot: str) -> tuple[str, str]:
-    before, _, after = slot.partition("{content}")
-    return _jinja_expr(before), _jinja_expr(after)
-
-
-def _jinja_expr(text: str) -> str:
-    """A jinja expression for `text`, with {bos}/{eos} as the bos_token/eos_token variables."""
-    pieces: list[str] = []
-    for i, chunk in enumerate(text.split("{bos}")):
-        if i:
-            pieces.append("bos_token")
-        for j, literal in enumerate(chunk.split("{eos}")):
-            if j:
-                pieces.append("eos_token")
-            if literal:
-                pieces.append(json.dumps(literal, ensure_ascii=False))
-    return "(" + " + ".join(pieces) + ")" if pieces else "''"
-
-
-def _single_token_id(tokenizer: Any, text: str) -> int | None:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return ids[0] if len(ids) == 1 else None
+    return named_jinja_template(template)

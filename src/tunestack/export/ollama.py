@@ -2,8 +2,8 @@
 
 The TEMPLATE is Go text/template in Ollama's form: `.System` (the system prompt: the request's, else the
 Modelfile's SYSTEM) and `.Messages` (the conversation, in which Ollama also keeps the system message, skipped here).
-It is generated from the structured fields of a named chat template (prefix, system, user, assistant header, stop,
-separator), so it renders a conversation to the same text as tunestack's template: the history with each answer
+It is generated from the structured fields of a named chat template (prefix, system, user, assistant header, answer,
+stop, separator, round numbers), so it renders a conversation to the same text as tunestack's template: the history with each answer
 closed by its stop text, then the assistant header. A tokenizer's jinja chat template is first matched to the
 named template that renders probe conversations identically (finding a built-in default system prompt, as
 SmolLM2's, on the way); a jinja template that matches none cannot be translated and is an error.
@@ -97,36 +97,48 @@ def _literal(text: str) -> str:
 
 def go_template(template: NamedTemplate, tokenizer: Any, runtime_adds_bos: bool) -> str:
     """Ollama's TEMPLATE for `template` (see the module docstring). No trim markers (`{{-`) are used: the
-    literal text around the actions is output exactly."""
+    literal text around the actions is output exactly. A round number counts the user turns in a string
+    (`len` of one mark per turn: Go templates have no arithmetic)."""
     t = template
 
     def fill(slot: str) -> str:
-        return t._fill(slot, tokenizer)
+        """The slot as Go template text: literals, with {round} as the count of user turns so far."""
+        parts = t._fill(slot.replace("{round}", _ROUND), tokenizer).split(_ROUND)
+        return "{{ len $rounds }}".join(_literal(p) for p in parts)
 
-    prefix = fill(t.prefix)
+    prefix = t._fill(t.prefix, tokenizer)
     bos = tokenizer.bos_token or ""
     if runtime_adds_bos and bos and prefix.startswith(bos):
         prefix = prefix[len(bos) :]
     sys_before, sys_after = (fill(part) for part in t.system.partition("{content}")[::2])
     user_before, user_after = (fill(part) for part in t.user.partition("{content}")[::2])
-    header, stop, separator = fill(t.assistant_header), fill(t.stop), fill(t.separator)
-    system_block = f"{_literal(sys_before)}{{{{ $.System }}}}{_literal(sys_after)}"
-    parts = [_literal(prefix)]
+    answer_before, answer_after = (fill(part) for part in t.answer.partition("{content}")[::2])
+    if t.shares_stop:  # after an answer, its stop already opened the turn
+        opened = fill(t.user.partition("{content}")[0][len(t.stop) :])
+        user_before = f'{{{{ if eq $prev "assistant" }}}}{opened}{{{{ else }}}}{user_before}{{{{ end }}}}'
+    history_stop = fill(t.stop) if t.stop_in_history else ""
+    header, separator = fill(t.assistant_header), "" if t.shares_stop else fill(t.separator)
+    system_block = f"{sys_before}{{{{ $.System }}}}{sys_after}"
+    parts = [_literal(prefix), '{{ $rounds := "" }}{{ $prev := "" }}']
     if t.system_in_user:
         parts.append("{{ $first := true }}")
     else:
         parts.append(f"{{{{ if .System }}}}{system_block}{{{{ end }}}}")
     parts.append(
         '{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}{{ if eq .Role "user" }}'
+        '{{ $rounds = printf "%sI" $rounds }}'
     )
-    parts.append(_literal(user_before))
+    parts.append(user_before)
     if t.system_in_user:
         parts.append(f"{{{{ if and $first $.System }}}}{system_block}{{{{ end }}}}{{{{ $first = false }}}}")
-    parts.append(f"{{{{ .Content }}}}{_literal(user_after)}{_literal(header)}")
-    parts.append('{{ else if eq .Role "assistant" }}{{ .Content }}')
-    parts.append(f"{{{{ if not $last }}}}{_literal(stop)}{_literal(separator)}{{{{ end }}}}")
-    parts.append("{{ end }}{{ end }}")
+    parts.append(f"{{{{ .Content }}}}{user_after}{header}")
+    parts.append(f'{{{{ else if eq .Role "assistant" }}}}{answer_before}{{{{ .Content }}}}{answer_after}')
+    parts.append(f"{{{{ if not $last }}}}{history_stop}{separator}{{{{ end }}}}")
+    parts.append("{{ end }}{{ $prev = .Role }}{{ end }}")
     return "".join(parts)
+
+
+_ROUND = "\u2063ROUND\u2063"
 
 
 # ---------------------------------------------------------------------------------------------
