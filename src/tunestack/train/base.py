@@ -27,6 +27,7 @@ from tunestack.model.ref import ModelRef, resolve_model
 from tunestack.model.tuning import apply_tuning, describe_trainable
 from tunestack.rundir import OutputFolder, tunestack_home
 from tunestack.train.callbacks import GracefulStop
+from tunestack.train.fast import fit_fast_paths
 from tunestack.train.fit import train_with_trainer
 from tunestack.train.resume import check_resume
 
@@ -262,6 +263,7 @@ class Stage:
             assert ref is not None
             kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
             config = AutoConfig.from_pretrained(ref.base_dir, trust_remote_code=m.trust_remote_code, **kwargs)
+        fit_fast_paths(args.train, config)
         return StageContext(args, ref, tokenizer, config)
 
     def _manifest(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:

@@ -102,7 +102,10 @@ class RLStage(Stage):
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         d = ctx.args.data
-        return {"processing_class": ctx.tokenizer, "reward_funcs": build_reward_functions(d.reward_model, d.reward_funcs)}
+        return {
+            "processing_class": ctx.tokenizer,
+            "reward_funcs": build_reward_functions(d.reward_model, d.reward_funcs, ctx.args.model.trust_remote_code),
+        }
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:
         template = get_template(ctx.args.data.template_name, ctx.tokenizer)
