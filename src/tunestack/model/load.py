@@ -19,7 +19,7 @@ from tunestack.model.adapters import stack_adapters
 from tunestack.model.builtin import strip_gguf_quantizer
 from tunestack.model.compat import complete_model, fix_tokenizer_pad
 from tunestack.model.ref import ModelRef
-from tunestack.model.safety import announce_remote_code, refuse_pickled_weights
+from tunestack.model.safety import announce_remote_code, needs_remote_code, refuse_pickled_weights
 from tunestack.rundir import tunestack_home
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ def load_tokenizer(
             source, gguf_file=gguf, trust_remote_code=trust_remote_code, use_fast=use_fast, local_files_only=True
         )
     except (OSError, ValueError) as exc:
+        refused = None if trust_remote_code else needs_remote_code(source, exc)
+        if refused is not None:
+            raise refused from None
         raise ModelError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
     fix_tokenizer_pad(tokenizer)
     if tokenizer.pad_token is None:
@@ -146,6 +149,9 @@ def load_model(
     try:
         model = model_class.from_pretrained(base_dir, **kwargs)
     except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
+        refused = None if args.trust_remote_code else needs_remote_code(base_dir, exc)
+        if refused is not None:
+            raise refused from None
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load the model from {base_dir / (gguf or '')}: {detail}") from None
     if gguf:
@@ -155,6 +161,19 @@ def load_model(
         grow_embeddings(model, tokenizer)
     model = stack_adapters(model, [*adapters, live] if live else adapters, keep_last=live is not None)
     return model
+
+
+def load_config(folder: Path, trust_remote_code: bool, **kwargs: Any) -> Any:
+    """The model folder's config (AutoConfig), with the one-line error when it needs --trust_remote_code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        refused = None if trust_remote_code else needs_remote_code(folder, exc)
+        if refused is not None:
+            raise refused from None
+        raise
 
 
 def causal_lm_class(folder: Path, trust_remote_code: bool) -> Any:

@@ -22,7 +22,7 @@ from tunestack.config.train import TrainArguments
 from tunestack.config.tuning import TuningArguments
 from tunestack.data.records import write_rejects
 from tunestack.errors import ConfigError, DataError, ModelError
-from tunestack.model.load import build_from_scratch, load_model, load_tokenizer
+from tunestack.model.load import build_from_scratch, load_config, load_model, load_tokenizer
 from tunestack.model.ref import ModelRef, resolve_model
 from tunestack.model.tuning import apply_tuning, describe_trainable
 from tunestack.rundir import OutputFolder, tunestack_home
@@ -262,7 +262,7 @@ class Stage:
         else:
             assert ref is not None
             kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
-            config = AutoConfig.from_pretrained(ref.base_dir, trust_remote_code=m.trust_remote_code, **kwargs)
+            config = load_config(ref.base_dir, m.trust_remote_code, **kwargs)
         fit_fast_paths(args.train, config)
         return StageContext(args, ref, tokenizer, config)
 
