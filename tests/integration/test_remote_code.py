@@ -385,3 +385,15 @@ def test_export_writes_safetensors_and_refuses_gguf_with_a_reason(trained, model
     ).is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     assert type(model).__name__ == "ChatGLMForConditionalGeneration"
+
+
+def test_what_has_no_remote_code_form_is_refused_in_one_line(trained, data, cli, tmp_path):
+    code, _, err = cli("merge", "--lora_model", trained["chatglm"]["rm"], *TRUST, "--output_dir", tmp_path / "m")
+    assert code == 2
+    assert "is a value-head reward model (its family has no sequence-classification class)" in err
+    out = tmp_path / "grpo"
+    code, _, err = cli("rl", "--algo", "grpo", "--model_name_or_path", trained["chatglm"]["sft"], *TRUST,
+                       "--train_file_dir", data["prompts"], "--reward_funcs", "rewards:letter_a", "--output_dir", out)  # fmt: skip
+    assert code == 2
+    assert err.strip().endswith("ChatGLMConfig is the model's own code: use --algo ppo")
+    assert not (tmp_path / "m").exists() and not out.exists()

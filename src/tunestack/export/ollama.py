@@ -60,25 +60,49 @@ def _default_system(candidate: NamedTemplate, jinja: TokenizerTemplate, tokenize
 
 
 def fit_named_template(template: Template, tokenizer: Any) -> NamedTemplate:
-    """A named template that renders exactly like `template` (itself when it is one)."""
+    """A named template that renders exactly like `template` (itself when it is one), on every probe conversation
+    the jinja template accepts (some refuse system prompts). A conversation that ends with an answer may lack the
+    answer's stop in the jinja text: training closes it with that stop all the same (GLM-4, ChatGLM3)."""
     if isinstance(template, NamedTemplate):
         return template
     candidates = {t.name: t for t in named_templates().values()}.values()
-    for candidate in candidates:
-        for default in dict.fromkeys((candidate.default_system, None, _default_system(candidate, template, tokenizer))):
-            fitted = dataclasses.replace(candidate, default_system=default)
-            try:
-                same = all(
-                    _named_text(fitted, tokenizer, s, m) == _jinja_text(template, tokenizer, s, m) for s, m in _PROBES
-                )
-            except Exception:  # jinja TemplateError (e.g. "System role not supported") or a template-specific raise
-                same = False
-            if same:
-                return fitted
+    rendered = [(s, m, text) for s, m in _PROBES if (text := _accepted(template, tokenizer, s, m)) is not None]
+    if any(system is None for system, _, _ in rendered):
+        for candidate in candidates:
+            for default in dict.fromkeys(
+                (candidate.default_system, None, _default_system(candidate, template, tokenizer))
+            ):
+                fitted = dataclasses.replace(candidate, default_system=default)
+                if all(_renders_like(fitted, tokenizer, *probe) for probe in rendered):
+                    return fitted
     raise ConfigError(
         "the tokenizer's chat template renders conversations unlike every named template, so the Modelfile cannot "
         f"reproduce it; pass --template_name (one of {', '.join(sorted({t.name for t in candidates}))}) or "
         "--modelfile false"
+    )
+
+
+def _accepted(template: TokenizerTemplate, tokenizer: Any, system: str | None, messages: Any) -> str | None:
+    """The jinja template's text of a probe conversation, or None when the template refuses it."""
+    try:
+        return _jinja_text(template, tokenizer, system, messages)
+    except Exception:  # jinja TemplateError (e.g. "System role not supported") or a template-specific raise
+        return None
+
+
+def _renders_like(template: NamedTemplate, tokenizer: Any, system: str | None, messages: Any, jinja: str) -> bool:
+    try:
+        named = _named_text(template, tokenizer, system, messages)
+    except Exception:  # a named template that cannot render this conversation does not fit
+        return False
+    if named == jinja:
+        return True
+    closing = template.answer_stop(tokenizer, last=True)
+    return (
+        messages[-1].role == "assistant"
+        and bool(closing)
+        and named.removesuffix(template._fill(template.separator, tokenizer) if template.stop_in_history else "")
+        == jinja + closing
     )
 
 
