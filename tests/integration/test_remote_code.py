@@ -397,3 +397,17 @@ def test_what_has_no_remote_code_form_is_refused_in_one_line(trained, data, cli,
     assert code == 2
     assert err.strip().endswith("ChatGLMConfig is the model's own code: use --algo ppo")
     assert not (tmp_path / "m").exists() and not out.exists()
+
+
+def test_a_copy_of_the_fixed_tokenizer_pads_as_itself(models):
+    import copy
+
+    tok = load_tokenizer(resolve_model(str(models["chatglm"])), trust_remote_code=True)
+    twin = copy.deepcopy(tok)
+    twin.pad_token = "</s>"  # the copy pads with its own pad token, on the side asked
+    padded = twin.pad({"input_ids": [[5], [5, 6]]}, padding=True, padding_side="right")
+    assert padded["input_ids"][0] == [5, twin.convert_tokens_to_ids("</s>")]
+    assert tok.pad({"input_ids": [[5], [5, 6]]}, padding=True, padding_side="right")["input_ids"][0] == [
+        5,
+        tok.convert_tokens_to_ids("<unk>"),
+    ]

@@ -132,8 +132,8 @@ def _owners(model: nn.Module, path: str) -> list[tuple[nn.Module, str]]:
 
 def fix_tokenizer_pad(tokenizer: Any) -> Any:
     """Give a tokenizer whose `_pad` predates `padding_side` one that takes it (see the module docstring)."""
-    pad = getattr(tokenizer, "_pad", None)
-    if pad is None or getattr(pad, "_tunestack_padding_side", False):
+    pad = getattr(type(tokenizer), "_pad", None)
+    if pad is None or getattr(getattr(tokenizer, "_pad", None), "__func__", None) is _pad_with_side:
         return tokenizer
     try:
         params = inspect.signature(pad).parameters
@@ -142,28 +142,29 @@ def fix_tokenizer_pad(tokenizer: Any) -> Any:
     if "padding_side" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return tokenizer
     logger.info("%s: its _pad predates padding_side; tunestack pads for it", type(tokenizer).__name__)
-
-    def _pad_with_side(
-        encoded_inputs: Any,
-        max_length: int | None = None,
-        padding_strategy: Any = None,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-    ) -> Any:
-        from transformers.utils import PaddingStrategy
-
-        strategy = padding_strategy if padding_strategy is not None else PaddingStrategy.DO_NOT_PAD
-        side = padding_side or tokenizer.padding_side
-        if side == tokenizer.padding_side:
-            return pad(encoded_inputs, max_length, strategy, pad_to_multiple_of, return_attention_mask)
-        # Its own _pad adds its extra inputs (unpadded); the other side is padded here.
-        encoded = pad(encoded_inputs, None, PaddingStrategy.DO_NOT_PAD, None, return_attention_mask)
-        return _pad_side(tokenizer, encoded, max_length, strategy, pad_to_multiple_of, side)
-
-    _pad_with_side._tunestack_padding_side = True  # type: ignore[attr-defined]
-    tokenizer._pad = _pad_with_side
+    tokenizer._pad = types.MethodType(_pad_with_side, tokenizer)  # a method: copies of the tokenizer keep it
     return tokenizer
+
+
+def _pad_with_side(
+    self: Any,
+    encoded_inputs: Any,
+    max_length: int | None = None,
+    padding_strategy: Any = None,
+    pad_to_multiple_of: int | None = None,
+    padding_side: str | None = None,
+    return_attention_mask: bool | None = None,
+) -> Any:
+    from transformers.utils import PaddingStrategy
+
+    own = type(self)._pad
+    strategy = padding_strategy if padding_strategy is not None else PaddingStrategy.DO_NOT_PAD
+    side = padding_side or self.padding_side
+    if side == self.padding_side:
+        return own(self, encoded_inputs, max_length, strategy, pad_to_multiple_of, return_attention_mask)
+    # Its own _pad adds its extra inputs (unpadded); the other side is padded here.
+    encoded = own(self, encoded_inputs, None, PaddingStrategy.DO_NOT_PAD, None, return_attention_mask)
+    return _pad_side(self, encoded, max_length, strategy, pad_to_multiple_of, side)
 
 
 _PAD_VALUES = {"attention_mask": 0, "special_tokens_mask": 1, "position_ids": 0}
