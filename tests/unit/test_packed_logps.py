@@ -88,3 +88,25 @@ def test_packed_logps_equal_trls_padded_fused_head(tiny_models, family, lora, mo
         assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=1e-4), name
     # Calls without fused_lm_head are the model's own forward.
     assert model(input_ids=ids, attention_mask=mask).logits.shape == (*ids.shape, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_logits_logps_equal_trls_fused_head(tiny_models, lora):
+    """What a model's own code gets (TRL's fused-head calls answered from the model's full logits): TRL's values and
+    gradients, padding included."""
+    from tunestack.train.fast.packed_logps import use_logits_logps
+
+    model = _model(tiny_models["llama"], lora)
+    ids, mask, labels = _batch()
+    expected, expected_grads = _logps_and_grads(model, ids, mask, labels)
+    use_logits_logps(model)
+    got, grads = _logps_and_grads(model, ids, mask, labels)
+    scored = labels[:, 1:] != -100
+    for stat in ("log_probs", "entropy", "mean_logits", "is_top1"):
+        a, b = getattr(got, stat).detach(), getattr(expected, stat).detach()
+        assert a.shape == b.shape and a.dtype == b.dtype, stat
+        assert torch.allclose(a.float()[scored], b.float()[scored], atol=1e-4), stat
+    assert (got.log_probs[~scored] == 0).all() and torch.equal(got.label_mask, expected.label_mask)
+    assert torch.allclose(got.loss, expected.loss, atol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=1e-4), name

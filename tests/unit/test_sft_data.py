@@ -41,6 +41,7 @@ CONV = Conversation(
 EXTRA_TOKENS = {
     "llama3": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], None),
     "glm4": (["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"], "<|endoftext|>"),
+    "chatglm2": (["[gMASK]", "sop", "</s>"], "</s>"),
     "chatglm3": (["[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "</s>"], "</s>"),
     "vicuna": (["</s>"], "</s>"),
     "mistral": (["<s>", "</s>"], "</s>"),
@@ -271,14 +272,16 @@ GOLDEN = {
         "<|eot_id|>",
     ),
     "glm4": (
-        "[gMASK]<sop><|system|>\nBe brief.<|user|>\nWhat is the capital of France?<|assistant|>\nParis.<|endoftext|>"
-        "<|user|>\nWho are you?<|assistant|>\nI am an assistant.<|endoftext|>",
-        "<|endoftext|>",
+        "[gMASK]<sop><|system|>\nBe brief.<|user|>\nWhat is the capital of France?<|assistant|>\nParis.<|user|>"
+        "\nWho are you?<|assistant|>\nI am an assistant.<|user|>",
+        "<|user|>",
+        "\n",
     ),
     "vicuna": (
-        "Be brief. USER: What is the capital of France? ASSISTANT:Paris.</s>USER: Who are you? ASSISTANT:"
-        "I am an assistant.</s>",
+        "Be brief. USER: What is the capital of France? ASSISTANT: Paris.</s>USER: Who are you? ASSISTANT:"
+        " I am an assistant.</s>",
         "</s>",
+        " ",
     ),
 }
 
@@ -287,13 +290,14 @@ GOLDEN = {
 def test_only_answers_and_stop_tokens_are_trained(tokenizers_for, name):
     tok = tokenizers_for(name)
     template = get_template(None if name == "tokenizer" else name, tok)
-    text, stop = GOLDEN["chatml" if name == "tokenizer" else name]
+    text, stop, *lead = GOLDEN["chatml" if name == "tokenizer" else name]
+    lead = lead[0] if lead else ""  # what the answer slot writes before the answer (trained: the model writes it)
     features = encode_conversation(CONV, tok, template, max_length=512)
     assert tok.decode(features["input_ids"], skip_special_tokens=False) == text
-    assert trained(features, tok) == f"{A1}{stop}{A2}{stop}"
+    assert trained(features, tok) == f"{lead}{A1}{stop}{lead}{A2}{stop}"
     stop_id = tok.convert_tokens_to_ids(stop)
     kept = [i for i, label in zip(features["input_ids"], features["labels"], strict=True) if label != IGNORE_INDEX]
-    assert kept == ids_of(tok, A1) + [stop_id] + ids_of(tok, A2) + [stop_id]
+    assert kept == ids_of(tok, lead + A1) + [stop_id] + ids_of(tok, lead + A2) + [stop_id]
     assert all(label in (i, IGNORE_INDEX) for i, label in zip(features["input_ids"], features["labels"], strict=True))
     assert features["attention_mask"] == [1] * len(features["input_ids"])
     assert stop_token_ids(template, tok)[0] == stop_id
@@ -320,8 +324,9 @@ def test_every_named_template_matches_its_jinja_and_trains_only_answers(tokenize
     prompt = tok.apply_chat_template(dicts[:-1], chat_template=jinja, tokenize=False, add_generation_prompt=True)
     assert prompt == render_prompt(template, tok, CONV)
     assert rendered.startswith(prompt)
-    stops = [template._fill(template.stop, tok)] * 2
-    assert [s.text for s in segments if s.trainable] == [A1 + stops[0], A2 + stops[1]]
+    answers = [template._fill(template.answer, tok, a) for a in (A1, A2)]
+    stops = [template.answer_stop(tok, last=False), template.answer_stop(tok, last=True)]
+    assert [s.text for s in segments if s.trainable] == [answers[0] + stops[0], answers[1] + stops[1]]
     # Without a system prompt the template's default one (if any) is used, in jinja and in training alike.
     bare = Conversation(None, CONV.messages)
     no_system = tok.apply_chat_template(dicts[1:], chat_template=jinja, tokenize=False)

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tunestack.data.formats import Conversation, Message, as_message, turn_order_problem
-from tunestack.data.named_templates import NamedTemplate, Segment, named_templates, single_token_id, template_names
+from tunestack.data.named_templates import (
+    NamedTemplate,
+    Segment,
+    named_jinja_template,
+    named_templates,
+    single_token_id,
+    template_names,
+)
 from tunestack.data.tokenizer_template import PROBE_CALL, PROBE_TOOL, TokenizerTemplate
 from tunestack.data.tool_formats import TOOL_FORMATS, ToolFormat, get_tool_format
 from tunestack.data.tool_jinja import jinja_preamble, preamble_format
@@ -144,59 +150,7 @@ def jinja_chat_template(template: Template) -> str:
             if source.startswith(jinja_preamble(old)):
                 source = source[len(jinja_preamble(old)) :]
         return jinja_preamble(fmt) + source
-    base = _named_jinja(template)
+    base = named_jinja_template(template)
     if template.tool_format == "auto":
         return base
     return jinja_preamble(get_tool_format(template.tool_format), template.default_system) + base
-
-
-def _named_jinja(template: NamedTemplate) -> str:
-    t = template
-    sys_before, sys_after = _split_slot(t.system)
-    user_before, user_after = _split_slot(t.user)
-    default = _jinja_expr(t.default_system) if t.default_system else "''"
-    system_block = (
-        "{%- if loop.first and system_message -%}"
-        f"{{%- set content = {sys_before} + system_message + {sys_after} + content -%}}"
-        "{%- endif -%}"
-    )
-    parts = [
-        "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
-        f"{{%- else -%}}{{%- set system_message = {default} -%}}{{%- set loop_messages = messages -%}}",
-        "{%- endif -%}",
-        f"{{{{- {_jinja_expr(t.prefix)} -}}}}",
-        ""
-        if t.system_in_user
-        else f"{{%- if system_message -%}}{{{{- {sys_before} + system_message + {sys_after} -}}}}{{%- endif -%}}",
-        "{%- for message in loop_messages -%}",
-        "{%- if message['role'] == 'user' -%}",
-        "{%- set content = message['content'] -%}",
-        system_block if t.system_in_user else "",
-        f"{{{{- {user_before} + content + {user_after} -}}}}",
-        "{%- elif message['role'] == 'assistant' -%}",
-        f"{{{{- {_jinja_expr(t.assistant_header)} + message['content'] + {_jinja_expr(t.stop)} + {_jinja_expr(t.separator)} -}}}}",
-        "{%- endif -%}",
-        "{%- endfor -%}",
-        f"{{%- if add_generation_prompt -%}}{{{{- {_jinja_expr(t.assistant_header)} -}}}}{{%- endif -%}}",
-    ]
-    return "".join(parts)
-
-
-def _split_slot(slot: str) -> tuple[str, str]:
-    before, _, after = slot.partition("{content}")
-    return _jinja_expr(before), _jinja_expr(after)
-
-
-def _jinja_expr(text: str) -> str:
-    """A jinja expression for `text`, with {bos}/{eos} as the bos_token/eos_token variables."""
-    pieces: list[str] = []
-    for i, chunk in enumerate(text.split("{bos}")):
-        if i:
-            pieces.append("bos_token")
-        for j, literal in enumerate(chunk.split("{eos}")):
-            if j:
-                pieces.append("eos_token")
-            if literal:
-                pieces.append(json.dumps(literal, ensure_ascii=False))
-    return "(" + " + ".join(pieces) + ")" if pieces else "''"

@@ -2,8 +2,8 @@
 
 The TEMPLATE is Go text/template in Ollama's form: `.System` (the system prompt: the request's, else the
 Modelfile's SYSTEM) and `.Messages` (the conversation, in which Ollama also keeps the system message, skipped here).
-It is generated from the structured fields of a named chat template (prefix, system, user, assistant header, stop,
-separator), so it renders a conversation to the same text as tunestack's template: the history with each answer
+It is generated from the structured fields of a named chat template (prefix, system, user, assistant header, answer,
+stop, separator, round numbers), so it renders a conversation to the same text as tunestack's template: the history with each answer
 closed by its stop text, then the assistant header. A tokenizer's jinja chat template is first matched to the
 named template that renders probe conversations identically (finding a built-in default system prompt, as
 SmolLM2's, on the way); a jinja template that matches none cannot be translated and is an error.
@@ -60,25 +60,49 @@ def _default_system(candidate: NamedTemplate, jinja: TokenizerTemplate, tokenize
 
 
 def fit_named_template(template: Template, tokenizer: Any) -> NamedTemplate:
-    """A named template that renders exactly like `template` (itself when it is one)."""
+    """A named template that renders exactly like `template` (itself when it is one), on every probe conversation
+    the jinja template accepts (some refuse system prompts). A conversation that ends with an answer may lack the
+    answer's stop in the jinja text: training closes it with that stop all the same (GLM-4, ChatGLM3)."""
     if isinstance(template, NamedTemplate):
         return template
     candidates = {t.name: t for t in named_templates().values()}.values()
-    for candidate in candidates:
-        for default in dict.fromkeys((candidate.default_system, None, _default_system(candidate, template, tokenizer))):
-            fitted = dataclasses.replace(candidate, default_system=default)
-            try:
-                same = all(
-                    _named_text(fitted, tokenizer, s, m) == _jinja_text(template, tokenizer, s, m) for s, m in _PROBES
-                )
-            except Exception:  # jinja TemplateError (e.g. "System role not supported") or a template-specific raise
-                same = False
-            if same:
-                return fitted
+    rendered = [(s, m, text) for s, m in _PROBES if (text := _accepted(template, tokenizer, s, m)) is not None]
+    if any(system is None for system, _, _ in rendered):
+        for candidate in candidates:
+            for default in dict.fromkeys(
+                (candidate.default_system, None, _default_system(candidate, template, tokenizer))
+            ):
+                fitted = dataclasses.replace(candidate, default_system=default)
+                if all(_renders_like(fitted, tokenizer, *probe) for probe in rendered):
+                    return fitted
     raise ConfigError(
         "the tokenizer's chat template renders conversations unlike every named template, so the Modelfile cannot "
         f"reproduce it; pass --template_name (one of {', '.join(sorted({t.name for t in candidates}))}) or "
         "--modelfile false"
+    )
+
+
+def _accepted(template: TokenizerTemplate, tokenizer: Any, system: str | None, messages: Any) -> str | None:
+    """The jinja template's text of a probe conversation, or None when the template refuses it."""
+    try:
+        return _jinja_text(template, tokenizer, system, messages)
+    except Exception:  # jinja TemplateError (e.g. "System role not supported") or a template-specific raise
+        return None
+
+
+def _renders_like(template: NamedTemplate, tokenizer: Any, system: str | None, messages: Any, jinja: str) -> bool:
+    try:
+        named = _named_text(template, tokenizer, system, messages)
+    except Exception:  # a named template that cannot render this conversation does not fit
+        return False
+    if named == jinja:
+        return True
+    closing = template.answer_stop(tokenizer, last=True)
+    return (
+        messages[-1].role == "assistant"
+        and bool(closing)
+        and named.removesuffix(template._fill(template.separator, tokenizer) if template.stop_in_history else "")
+        == jinja + closing
     )
 
 
@@ -97,36 +121,48 @@ def _literal(text: str) -> str:
 
 def go_template(template: NamedTemplate, tokenizer: Any, runtime_adds_bos: bool) -> str:
     """Ollama's TEMPLATE for `template` (see the module docstring). No trim markers (`{{-`) are used: the
-    literal text around the actions is output exactly."""
+    literal text around the actions is output exactly. A round number counts the user turns in a string
+    (`len` of one mark per turn: Go templates have no arithmetic)."""
     t = template
 
     def fill(slot: str) -> str:
-        return t._fill(slot, tokenizer)
+        """The slot as Go template text: literals, with {round} as the count of user turns so far."""
+        parts = t._fill(slot.replace("{round}", _ROUND), tokenizer).split(_ROUND)
+        return "{{ len $rounds }}".join(_literal(p) for p in parts)
 
-    prefix = fill(t.prefix)
+    prefix = t._fill(t.prefix, tokenizer)
     bos = tokenizer.bos_token or ""
     if runtime_adds_bos and bos and prefix.startswith(bos):
         prefix = prefix[len(bos) :]
     sys_before, sys_after = (fill(part) for part in t.system.partition("{content}")[::2])
     user_before, user_after = (fill(part) for part in t.user.partition("{content}")[::2])
-    header, stop, separator = fill(t.assistant_header), fill(t.stop), fill(t.separator)
-    system_block = f"{_literal(sys_before)}{{{{ $.System }}}}{_literal(sys_after)}"
-    parts = [_literal(prefix)]
+    answer_before, answer_after = (fill(part) for part in t.answer.partition("{content}")[::2])
+    if t.shares_stop:  # after an answer, its stop already opened the turn
+        opened = fill(t.user.partition("{content}")[0][len(t.stop) :])
+        user_before = f'{{{{ if eq $prev "assistant" }}}}{opened}{{{{ else }}}}{user_before}{{{{ end }}}}'
+    history_stop = fill(t.stop) if t.stop_in_history else ""
+    header, separator = fill(t.assistant_header), "" if t.shares_stop else fill(t.separator)
+    system_block = f"{sys_before}{{{{ $.System }}}}{sys_after}"
+    parts = [_literal(prefix), '{{ $rounds := "" }}{{ $prev := "" }}']
     if t.system_in_user:
         parts.append("{{ $first := true }}")
     else:
         parts.append(f"{{{{ if .System }}}}{system_block}{{{{ end }}}}")
     parts.append(
         '{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}{{ if eq .Role "user" }}'
+        '{{ $rounds = printf "%sI" $rounds }}'
     )
-    parts.append(_literal(user_before))
+    parts.append(user_before)
     if t.system_in_user:
         parts.append(f"{{{{ if and $first $.System }}}}{system_block}{{{{ end }}}}{{{{ $first = false }}}}")
-    parts.append(f"{{{{ .Content }}}}{_literal(user_after)}{_literal(header)}")
-    parts.append('{{ else if eq .Role "assistant" }}{{ .Content }}')
-    parts.append(f"{{{{ if not $last }}}}{_literal(stop)}{_literal(separator)}{{{{ end }}}}")
-    parts.append("{{ end }}{{ end }}")
+    parts.append(f"{{{{ .Content }}}}{user_after}{header}")
+    parts.append(f'{{{{ else if eq .Role "assistant" }}}}{answer_before}{{{{ .Content }}}}{answer_after}')
+    parts.append(f"{{{{ if not $last }}}}{history_stop}{separator}{{{{ end }}}}")
+    parts.append("{{ end }}{{ $prev = .Role }}{{ end }}")
     return "".join(parts)
+
+
+_ROUND = "\u2063ROUND\u2063"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tunestack.config.model import ModelArguments
 from tunestack.data.supervised import auto_bos_id
 from tunestack.errors import ConfigError
 from tunestack.infer.decoding import Sampling, resolve_sampling, sampling_defaults, stop_token_ids
+from tunestack.model.anatomy import untokenizable_ids
 from tunestack.model.load import load_model, load_tokenizer
 from tunestack.model.ref import resolve_stack, training_system_prompt
 
@@ -83,6 +84,7 @@ class ChatModel:
         self.tool_format = tool_format
         self._tools_template: Any = None
         self._call_format: Any = None
+        self.unused_ids = untokenizable_ids(model, tokenizer)  # output rows no token decodes to
 
     @classmethod
     def load(cls, selection: ModelSelection) -> ChatModel:
@@ -225,6 +227,7 @@ class ChatModel:
             top_p=sampling.top_p if sampling.do_sample else None,
             top_k=sampling.top_k if sampling.do_sample else None,
             stop_strings=options.stop_strings or None,
+            suppress_tokens=self.unused_ids or None,
         )
         return config
 
@@ -255,6 +258,15 @@ class ChatModel:
 
         width = max(len(p) for p in prompts)
         pad = config.pad_token_id
+        if config.stop_strings:
+            # As a criterion of ours rather than through generate(tokenizer=...): generate hands its extra
+            # arguments on to the model's forward, which a model's own code may not accept.
+            from transformers import StoppingCriteriaList, StopStringCriteria
+
+            criteria = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=config.stop_strings)
+            stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), criteria])
+            config = copy.copy(config)
+            config.stop_strings = None
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         device = next(self.model.parameters()).device
@@ -265,7 +277,6 @@ class ChatModel:
                 generation_config=config,
                 streamer=streamer,
                 stopping_criteria=stopping_criteria,
-                tokenizer=self.tokenizer,
             )
         return [seq[width:].tolist() for seq in out]
 

@@ -17,8 +17,9 @@ from tunestack.atomic import build_once
 from tunestack.errors import ModelError
 from tunestack.model.adapters import stack_adapters
 from tunestack.model.builtin import strip_gguf_quantizer
+from tunestack.model.compat import complete_model, fix_tokenizer_pad
 from tunestack.model.ref import ModelRef
-from tunestack.model.safety import announce_remote_code, refuse_pickled_weights
+from tunestack.model.safety import announce_remote_code, needs_remote_code, refuse_pickled_weights
 from tunestack.rundir import tunestack_home
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,11 @@ def load_tokenizer(
             source, gguf_file=gguf, trust_remote_code=trust_remote_code, use_fast=use_fast, local_files_only=True
         )
     except (OSError, ValueError) as exc:
+        refused = None if trust_remote_code else needs_remote_code(source, exc)
+        if refused is not None:
+            raise refused from None
         raise ModelError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+    fix_tokenizer_pad(tokenizer)
     if tokenizer.pad_token is None:
         # Padding is always masked by attention_mask/labels, so reusing EOS (or UNK) is safe.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -118,16 +123,14 @@ def load_model(
     `keep_last_adapter` the newest stays a live PEFT adapter. A quantized load of a stack is
     made from a merged float copy cached on disk, since adapters cannot be merged into 4-bit weights.
     """
-    from transformers import AutoModelForCausalLM
-
-    model_class = model_class or AutoModelForCausalLM
+    model_class = model_class or causal_lm_class(ref.base_dir, args.trust_remote_code)
     refuse_pickled_weights([ref.base_dir, *ref.adapters], getattr(args, "allow_pickle", False))
     announce_remote_code(ref.base_dir, args.trust_remote_code)
     quant = quantization_config(args)
     base_dir, gguf, adapters = ref.base_dir, ref.gguf_file, list(ref.adapters)
     live = adapters.pop() if keep_last_adapter and adapters else None
     if quant is not None and adapters:
-        base_dir, gguf, adapters = _materialize_merged(ref, adapters), None, []
+        base_dir, gguf, adapters = _materialize_merged(ref, adapters, args.trust_remote_code), None, []
     kwargs: dict[str, Any] = dict(
         dtype=resolve_dtype(args.torch_dtype),
         trust_remote_code=args.trust_remote_code,
@@ -147,10 +150,14 @@ def load_model(
     try:
         model = model_class.from_pretrained(base_dir, **kwargs)
     except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
+        refused = None if args.trust_remote_code else needs_remote_code(base_dir, exc)
+        if refused is not None:
+            raise refused from None
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load the model from {base_dir / (gguf or '')}: {detail}") from None
     if gguf:
         strip_gguf_quantizer(model)
+    model = complete_model(model)
     if tokenizer is not None:
         grow_embeddings(model, tokenizer)
     model = stack_adapters(model, [*adapters, live] if live else adapters, keep_last=live is not None)
@@ -172,7 +179,61 @@ def attention_implementation(args: Any) -> str | None:
     return "sdpa"
 
 
-def _materialize_merged(ref: ModelRef, adapters: list[Path]) -> Path:
+def load_config(folder: Path, trust_remote_code: bool, **kwargs: Any) -> Any:
+    """The model folder's config (AutoConfig), with the one-line error when it needs --trust_remote_code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        refused = None if trust_remote_code else needs_remote_code(folder, exc)
+        if refused is not None:
+            raise refused from None
+        raise
+
+
+def causal_lm_class(folder: Path, trust_remote_code: bool) -> Any:
+    """AutoModelForCausalLM, or AutoModel for remote code whose auto_map names its causal LM only there (ChatGLM-6B
+    registers ChatGLMForConditionalGeneration as AutoModel, not AutoModelForCausalLM)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto_map = _auto_map(folder) if trust_remote_code else {}
+    if "AutoModelForCausalLM" not in auto_map and "AutoModel" in auto_map:
+        return _GeneratingAutoModel(AutoModel)
+    return AutoModelForCausalLM
+
+
+def _auto_map(folder: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    return auto_map if isinstance(auto_map, dict) else {}
+
+
+class _GeneratingAutoModel:
+    """AutoModel standing in for AutoModelForCausalLM: what it loads must be able to generate."""
+
+    def __init__(self, auto_class: Any):
+        self.auto_class = auto_class
+
+    def from_pretrained(self, path: Any, **kwargs: Any) -> Any:
+        model = self.auto_class.from_pretrained(path, **kwargs)
+        if not (hasattr(model, "generate") and hasattr(model, "can_generate") and model.can_generate()):
+            raise ModelError(
+                f"{path}: its auto_map names no causal LM (no AutoModelForCausalLM, and AutoModel is "
+                f"{type(model).__name__}, which cannot generate)"
+            )
+        return model
+
+    def from_config(self, config: Any, **kwargs: Any) -> Any:
+        return self.auto_class.from_config(config, **kwargs)
+
+
+def _materialize_merged(ref: ModelRef, adapters: list[Path], trust_remote_code: bool = False) -> Path:
     """Merge base + adapters once into a cached float folder (for quantized loads of a stack)."""
     key = hashlib.sha256()
     for adapter in adapters:
@@ -181,15 +242,13 @@ def _materialize_merged(ref: ModelRef, adapters: list[Path]) -> Path:
             key.update(str(f.stat().st_mtime_ns).encode())
 
     def merge(staging: Path) -> None:
-        from transformers import AutoModelForCausalLM
-
-        kwargs: dict[str, Any] = {"dtype": "float32", "local_files_only": True}
+        kwargs: dict[str, Any] = {"dtype": "float32", "local_files_only": True, "trust_remote_code": trust_remote_code}
         if ref.gguf_file:
             kwargs["gguf_file"] = ref.gguf_file
-        model = AutoModelForCausalLM.from_pretrained(ref.base_dir, **kwargs)
+        model = causal_lm_class(ref.base_dir, trust_remote_code).from_pretrained(ref.base_dir, **kwargs)
         if ref.gguf_file:
             strip_gguf_quantizer(model)
-        stack_adapters(model, adapters).save_pretrained(staging, is_main_process=True)
+        stack_adapters(complete_model(model), adapters).save_pretrained(staging, is_main_process=True)
 
     def complete(folder: Path) -> bool:
         return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
@@ -228,4 +287,4 @@ def build_from_scratch(args: Any, tokenizer: Any, base: ModelRef | None):
     model = AutoModelForCausalLM.from_config(
         config, dtype=resolve_dtype(args.torch_dtype), trust_remote_code=args.trust_remote_code
     )
-    return model
+    return complete_model(model)

@@ -158,6 +158,11 @@ def merge(args: MergeArguments, allow_full: bool = False) -> MergeResult:
     ref = resolve_stack(args.base_model, args.adapter)
     if not ref.adapters and not allow_full:
         raise ConfigError(f"{args.adapter} holds a full model, not an adapter: there is nothing to merge")
+    if (ref.run_info or {}).get("reward_head") == "value_head":
+        raise ConfigError(
+            f"{args.adapter} is a value-head reward model (its family has no sequence-classification class): "
+            "score, rl and serve --reward_model use the folder as it is; there is no merged form to write"
+        )
     if not args.output_dir and not ref.adapters:
         raise ConfigError("--output_dir is required")
     output = (

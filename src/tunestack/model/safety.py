@@ -54,3 +54,14 @@ def announce_remote_code(folder: Path, trust_remote_code: bool) -> None:
     code = sorted(p.name for p in folder.glob("*.py"))
     if code:
         logger.warning("--trust_remote_code: running the code of %s (%s)", folder, ", ".join(code))
+
+
+def needs_remote_code(folder: Path, error: BaseException) -> ModelError | None:
+    """The one-line error for a folder whose own code transformers refused to run without --trust_remote_code."""
+    if "custom code" not in str(error) and "trust_remote_code" not in str(error):
+        return None
+    code = sorted(p.name for p in Path(folder).glob("*.py"))
+    named = f" ({', '.join(code)})" if code else ""
+    return ModelError(
+        f"{folder} loads through its own Python code{named}; read it, then pass --trust_remote_code true to run it"
+    )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tunestack.errors import ConfigError
+from tunestack.model.anatomy import output_layer
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 def find_linear_names(model: nn.Module) -> list[str]:
     """Leaf names of every linear layer except the output head (the `all` target), for any architecture."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = output_layer(model)  # found by shape where the class does not say (remote code)
     names = set()
     for full_name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is output:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunestack.model.anatomy import batch_first
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -76,10 +78,7 @@ class ValueHeadModel(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
             )
             hidden = out.hidden_states[-1]
-        batch, length = input_ids.shape[:2]
-        if hidden.shape[:2] != (batch, length) and hidden.shape[:2] == (length, batch):
-            hidden = hidden.transpose(0, 1)  # ChatGLM's body is sequence-first
-        return hidden
+        return batch_first(self.pretrained_model, hidden)  # ChatGLM's body is sequence-first
 
     def forward(
         self,

@@ -71,7 +71,11 @@ class PPORun:
         self.record = record  # written into every checkpoint's marker (see train/resume.py)
         self.out_dir = Path(args.train.output_dir)
         self.template = get_template(args.data.template_name, ctx.tokenizer, args.data.tool_format)
-        functions = build_reward_functions(args.data.reward_model, data.extras.get("reward_funcs", args.data.reward_funcs))
+        functions = build_reward_functions(
+            args.data.reward_model,
+            data.extras.get("reward_funcs", args.data.reward_funcs),
+            args.model.trust_remote_code,
+        )
 
         def reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
             return total_reward(functions, prompts, completions, **kwargs)

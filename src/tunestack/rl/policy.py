@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunestack.model.anatomy import batch_first, takes_argument
+
 
 class ValueHead(nn.Module):
     """A scalar value per position from the policy's last hidden state."""
@@ -28,11 +30,9 @@ class PolicyWithValue(nn.Module):
         self.value_head = ValueHead(hidden_size)
 
     def forward(self, input_ids, attention_mask, position_ids):
+        # A model's own code may number positions itself (Baichuan's takes no position_ids); generation then did too.
+        positions = {"position_ids": position_ids} if takes_argument(self.policy, "position_ids") else {}
         out = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            use_cache=False,
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **positions
         )
-        return out.logits, self.value_head(out.hidden_states[-1])
+        return out.logits, self.value_head(batch_first(self.policy, out.hidden_states[-1]))

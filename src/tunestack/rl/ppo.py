@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunestack.model.anatomy import takes_argument, untokenizable_ids
 from tunestack.rl.policy import PolicyWithValue
 from tunestack.rl.ppo_core import (
     KLController,
@@ -148,7 +149,8 @@ class PPOLoop:
             temperature=self.s.temperature if not greedy else None,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
-            use_cache=True,
+            use_cache=policy.generation_config.use_cache is not False,  # False for code predating the cache
+            suppress_tokens=untokenizable_ids(policy, self.tokenizer) or None,
         )
         generated = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         responses = generated[:, width:]
@@ -187,7 +189,8 @@ class PPOLoop:
         if with_values:
             logits, values = model(ids, att, pos)
         else:
-            logits = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+            positions = {"position_ids": pos} if takes_argument(model, "position_ids") else {}
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False, **positions).logits
             values = None
         start = r.prompt_len - 1
         logits = logits[:, start:-1]

@@ -51,10 +51,10 @@ def import_reward_function(spec: str) -> RewardFn:
 class RewardModelFunction:
     """A trained tunestack reward model as a reward function over (prompt text, completion text)."""
 
-    def __init__(self, reference: str, batch_size: int = 8, device: Any = None):
+    def __init__(self, reference: str, batch_size: int = 8, device: Any = None, trust_remote_code: bool = False):
         from tunestack.model.reward import load_reward_model
 
-        self.model, self.tokenizer, _ = load_reward_model(reference)
+        self.model, self.tokenizer, _ = load_reward_model(reference, trust_remote_code=trust_remote_code)
         if device is not None:
             self.model.to(device)
         self.model.eval()
@@ -128,10 +128,12 @@ def accuracy_reward(prompts: list[str], completions: list[Any], answer: list[Any
 BUILTIN_REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward}
 
 
-def build_reward_functions(reward_model: str | None, reward_funcs: str | None) -> list[RewardFn]:
+def build_reward_functions(
+    reward_model: str | None, reward_funcs: str | None, trust_remote_code: bool = False
+) -> list[RewardFn]:
     functions: list[RewardFn] = []
     if reward_model:
-        functions.append(RewardModelFunction(reward_model))
+        functions.append(RewardModelFunction(reward_model, trust_remote_code=trust_remote_code))
     for spec in (reward_funcs or "").split(","):
         if spec.strip() in BUILTIN_REWARDS:
             functions.append(BUILTIN_REWARDS[spec.strip()])

@@ -22,11 +22,12 @@ from tunestack.config.train import TrainArguments
 from tunestack.config.tuning import TuningArguments
 from tunestack.data.records import write_rejects
 from tunestack.errors import ConfigError, DataError, ModelError
-from tunestack.model.load import build_from_scratch, load_model, load_tokenizer
+from tunestack.model.load import build_from_scratch, load_config, load_model, load_tokenizer
 from tunestack.model.ref import ModelRef, resolve_model
 from tunestack.model.tuning import apply_tuning, describe_trainable
 from tunestack.rundir import OutputFolder, tunestack_home
 from tunestack.train.callbacks import GracefulStop
+from tunestack.train.fast import fit_fast_paths
 from tunestack.train.fit import train_with_trainer
 from tunestack.train.resume import check_resume
 
@@ -261,7 +262,8 @@ class Stage:
         else:
             assert ref is not None
             kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
-            config = AutoConfig.from_pretrained(ref.base_dir, trust_remote_code=m.trust_remote_code, **kwargs)
+            config = load_config(ref.base_dir, m.trust_remote_code, **kwargs)
+        fit_fast_paths(args.train, config)
         return StageContext(args, ref, tokenizer, config)
 
     def _manifest(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunestack.config.dpo import DPOArguments
+from tunestack.model.anatomy import is_native
 from tunestack.train.base import PreparedData, StageArgs, StageContext, trl_config
 from tunestack.train.preference import (
     ADAPTER_METHODS,
@@ -95,7 +96,13 @@ class DPOStage(PreferenceStage):
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
         train = ctx.args.train
-        if ctx.args.options.reference_free or not (train.padding_free and train.sparse_lm_head):
+        if ctx.args.options.reference_free:
+            return ()
+        if not is_native(ctx.model_config):
+            from tunestack.train.fast.packed_logps import LogitsPreferenceMixin
+
+            return (LogitsPreferenceMixin,)
+        if not (train.padding_free and train.sparse_lm_head):
             return ()
         from tunestack.train.fast import packed_row_mixins
         from tunestack.train.fast.packed_logps import PackedPreferenceMixin

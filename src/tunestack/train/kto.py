@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunestack.config.kto import KTOArguments
+from tunestack.model.anatomy import is_native
 from tunestack.train.base import PreparedData, StageArgs, StageContext, trl_config
 from tunestack.train.preference import PreferenceStage, drop_fresh_reference_adapter, pretokenized, reference_model
 
@@ -61,6 +62,13 @@ class KTOStage(PreferenceStage):
 
     def trainer_class(self, ctx: StageContext) -> type:
         return _kto_trainer_class()
+
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        if is_native(ctx.model_config):
+            return ()
+        from tunestack.train.fast.packed_logps import LogitsPreferenceMixin
+
+        return (LogitsPreferenceMixin,)
 
     def trainer_args(self, ctx: StageContext) -> Any:
         from trl import KTOConfig

@@ -12,6 +12,8 @@ from tunestack.config.rl import RLArguments
 from tunestack.data.prompts import Prompt, PromptEncoder, load_prompts
 from tunestack.data.records import first_n, split_held_out
 from tunestack.data.templates import get_template
+from tunestack.errors import ConfigError
+from tunestack.model.anatomy import is_native
 from tunestack.rl.rewards import build_reward_functions, default_reward_funcs
 from tunestack.rundir import OutputFolder
 from tunestack.train.base import PreparedData, Stage, StageContext, trl_config
@@ -28,6 +30,11 @@ class RLStage(Stage):
 
     def prepare_data(self, ctx: StageContext) -> PreparedData:
         d = ctx.args.data
+        if d.algo != "ppo" and not is_native(ctx.model_config):
+            raise ConfigError(
+                f"--algo {d.algo} runs through TRL's fused log-prob head, which reads transformers' own model layout; "
+                f"{type(ctx.model_config).__name__} is the model's own code: use --algo ppo"
+            )
         prompts = load_prompts(d.train_file_dir, d.data_format, d.system_prompt)
         held: list[Prompt] = []
         if d.validation_file_dir:
@@ -109,7 +116,9 @@ class RLStage(Stage):
 
     def trainer_kwargs(self, ctx: StageContext, data: PreparedData) -> dict[str, Any]:
         d = ctx.args.data
-        functions = build_reward_functions(d.reward_model, data.extras.get("reward_funcs", d.reward_funcs))
+        functions = build_reward_functions(
+            d.reward_model, data.extras.get("reward_funcs", d.reward_funcs), ctx.args.model.trust_remote_code
+        )
         return {"processing_class": ctx.tokenizer, "reward_funcs": functions}
 
     def save_extras(self, ctx: StageContext, output_dir: Path) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunestack.data.collators import IGNORE_INDEX
+from tunestack.model.anatomy import is_native
 
 
 def packed_positions(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +126,11 @@ def head_chunks(
 
 
 def supports_trained_positions(model: Any) -> bool:
-    """Models whose logits are a plain head over the decoder output (no soft-capping or scaling)."""
+    """transformers' own models whose logits are a plain head over the decoder output (no soft-capping or
+    scaling); a model's own code is not known to return its decoder's output as this assumes."""
     base = hf_model(model)
+    if not is_native(base):
+        return False
     config = getattr(base, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False

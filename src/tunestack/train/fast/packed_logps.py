@@ -8,6 +8,10 @@ runs the decoder once, applies the output layer in chunks (gradients taken as ea
 only to the positions whose next token is a scored completion token, and scatters the results back
 into the padded layout TRL expects. Same values and gradients (tests/unit/test_packed_logps.py);
 `--padding_free false` or `--sparse_lm_head false` keep TRL's path.
+
+A model's own code (trust_remote_code) may return its backbone output in a layout of its own (ChatGLM's is
+sequence-first), which TRL's fused head would read as batch-first: for those, `use_logits_logps` answers the
+same calls from the model's own logits (its whole forward), exact at the memory of full logits.
 """
 
 from __future__ import annotations
@@ -149,3 +153,40 @@ class PackedPreferenceMixin:
         use_packed_logps(self.model)
         if getattr(self, "ref_model", None) is not None:
             use_packed_logps(self.ref_model)
+
+
+def use_logits_logps(model: Any) -> None:
+    """Answer `fused_lm_head=True` calls of `model` (after TRL patched it) from the logits of its own forward."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    base = hf_model(model)
+    fused_forward = base.forward
+
+    @functools.wraps(fused_forward)
+    def forward(*args: Any, fused_lm_head: bool = False, labels: Any = None, **kwargs: Any) -> Any:
+        if not fused_lm_head:
+            return fused_forward(*args, fused_lm_head=False, labels=labels, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        logits = fused_forward(*args, fused_lm_head=False, **given).logits[:, :-1].float()
+        targets = labels[:, 1:].to(logits.device)
+        mask = targets != IGNORE_INDEX
+        values, _ = _logprob_stats(logits[mask], targets[mask])
+        stats = {
+            name: logits.new_zeros(mask.shape).masked_scatter(mask, v) for name, v in zip(STATS, values, strict=True)
+        }
+        stats["is_top1"] = stats["is_top1"].bool()
+        loss = -stats["log_probs"].sum() / mask.sum().clamp(min=1)
+        return FusedCausalLMOutput(loss=loss, label_mask=mask, **stats)
+
+    base.forward = forward
+
+
+class LogitsPreferenceMixin:
+    """DPO / KTO trainer whose policy (and reference) answer TRL's fused-head calls from their own logits."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        use_logits_logps(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            use_logits_logps(self.ref_model)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from tunestack.model.anatomy import is_native
 from tunestack.train.fast.efficient import hf_model, packed_positions
 
 MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache", "return_dict"}
@@ -46,7 +47,11 @@ def packed_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 def use_packed_scores(model: Any) -> bool:
     """Route plain padded calls of a sequence-classification reward model through `packed_scores`."""
     base = hf_model(model)
-    if not hasattr(base, "score") or not hasattr(base, getattr(base, "base_model_prefix", "") or "-"):
+    if (
+        not is_native(base)
+        or not hasattr(base, "score")
+        or not hasattr(base, getattr(base, "base_model_prefix", "") or "-")
+    ):
         return False
     from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
