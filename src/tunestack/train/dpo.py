@@ -95,9 +95,12 @@ class DPOStage(PreferenceStage):
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
         train = ctx.args.train
+        from tunestack.train.fast import head_outside_forward, packed_row_mixins
+
         if ctx.args.options.reference_free or not (train.padding_free and train.sparse_lm_head):
             return ()
-        from tunestack.train.fast import packed_row_mixins
+        if not head_outside_forward(train, "--sparse_lm_head (packed DPO log-probs)"):
+            return ()
         from tunestack.train.fast.packed_logps import PackedPreferenceMixin
 
         return (PackedPreferenceMixin, *packed_row_mixins(train))
