@@ -17,12 +17,13 @@ from tunestack.data.prompts import PromptEncoder
 from tunestack.data.templates import get_template, stop_token_ids
 from tunestack.errors import ConfigError
 from tunestack.model.value_head import VALUE_HEAD_FILE
-from tunestack.rl.engine import gathered, ppo_accelerator
+from tunestack.rl.engine import ppo_accelerator
 from tunestack.rl.ppo import PPOLoop, PPOSettings
 from tunestack.rl.rewards import build_reward_functions, total_reward
 from tunestack.rundir import append_metrics, promote_final
 from tunestack.train.callbacks import GracefulStop, StopRequested
 from tunestack.train.chat_files import save_chat_files
+from tunestack.train.distributed import gathered
 from tunestack.train.plots import plot_curves
 
 logger = logging.getLogger("tunestack")

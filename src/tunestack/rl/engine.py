@@ -7,10 +7,8 @@ main one writes), so a saved adapter is the trained one, never an empty placehol
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,19 +61,6 @@ def ppo_optimizer(accelerator: Any, params: list[torch.nn.Parameter], learning_r
 
         return DummyOptim(params, lr=learning_rate)
     return torch.optim.AdamW(params, lr=learning_rate)
-
-
-@contextlib.contextmanager
-def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """The full values of ZeRO-3-partitioned parameters for the block (every process must enter it)."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
 
 
 def save_loop_state(loop: Any, folder: Path) -> None:

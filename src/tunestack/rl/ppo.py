@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunestack.rl.engine import gathered, load_loop_state, ppo_optimizer, save_loop_state, uses_deepspeed, zero3
+from tunestack.rl.engine import load_loop_state, ppo_optimizer, save_loop_state, uses_deepspeed, zero3
 from tunestack.rl.policy import PolicyWithValue
 from tunestack.rl.ppo_core import (
     KLController,
@@ -28,6 +28,7 @@ from tunestack.rl.ppo_core import (
     response_mask,
     token_logprobs,
 )
+from tunestack.train.distributed import full_values
 
 logger = logging.getLogger("tunestack")
 
@@ -329,9 +330,7 @@ class PPOLoop:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained parameters (gathered under ZeRO-3: every process must call it)."""
-        trained = [(n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad]
-        with gathered([p for _, p in trained]):
-            return {n: p.detach().cpu().contiguous().clone() for n, p in trained}
+        return full_values([(n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad])
 
     def save_state(self, folder: Path) -> None:
         save_loop_state(self, folder)  # every process calls it

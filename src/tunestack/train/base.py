@@ -27,7 +27,7 @@ from tunestack.model.ref import ModelRef, resolve_model
 from tunestack.model.tuning import apply_tuning, describe_trainable
 from tunestack.rundir import OutputFolder, tunestack_home
 from tunestack.train.callbacks import GracefulStop
-from tunestack.train.distributed import data_first_on_main, start_deepspeed
+from tunestack.train.distributed import check_launch, data_first_on_main, start_deepspeed
 from tunestack.train.fit import train_with_trainer
 from tunestack.train.resume import check_resume
 
@@ -199,6 +199,7 @@ class Stage:
         from accelerate import PartialState
 
         started = time.time()
+        check_launch()
         args = self.parse(argv)
         start_deepspeed(args.train)
         state = PartialState()

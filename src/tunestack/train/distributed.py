@@ -116,6 +116,30 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     trainer.is_fsdp_enabled = True
 
 
+@contextlib.contextmanager
+def gathered(params: list[Any]) -> Iterator[None]:
+    """The full values of ZeRO-3-partitioned parameters for the block (every process must enter it)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def full_values(named: list[tuple[str, Any]]) -> dict[str, Any]:
+    """{name: a CPU copy of the whole tensor} of parameters sharded by ZeRO-3 or FSDP2 (a collective: every
+    process calls it) or not sharded at all."""
+    out = {}
+    with gathered([p for _, p in named]):
+        for name, p in named:
+            value = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 keeps DTensor shards
+            out[name] = value.detach().cpu().contiguous().clone()
+    return out
+
+
 def sharding(train: Any) -> str | None:
     """'fsdp', 'zero3' (the weights are sharded outside the forward pass), 'zero' (ZeRO 0-2) or None."""
     if getattr(train, "fsdp", None):
@@ -150,3 +174,35 @@ def data_first_on_main(state: Any) -> Iterator[None]:
         dist.barrier(group=group)
     finally:
         dist.destroy_process_group(group)
+
+
+def _parent_command() -> list[str]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            return [part.decode(errors="replace") for part in fh.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def check_launch() -> None:
+    """Refuse the silent single process of `accelerate launch --num_processes N --cpu` (N > 1): without GPUs
+    accelerate starts several processes only through mpirun, and would otherwise train one process alone."""
+    if "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
+        return
+    parent = _parent_command()
+    head = " ".join(parent[:3])  # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+    if "accelerate" not in head or not ("launch" in parent or "accelerate.commands.launch" in head):
+        return
+    wanted = 1
+    for i, part in enumerate(parent):
+        if part.startswith("--num_processes") or part.startswith("--num-processes"):
+            value = part.split("=", 1)[1] if "=" in part else (parent[i + 1] if i + 1 < len(parent) else "1")
+            wanted = int(value) if value.isdigit() else 1
+    if wanted > 1 and "--mpirun_hostfile" not in parent:
+        from tunestack.errors import ConfigError
+
+        raise ConfigError(
+            f"accelerate launch --num_processes {wanted} --cpu started a single process (on CPUs accelerate starts "
+            f"several only through mpirun): use `accelerate launch --multi_gpu --num_processes {wanted} ...` (it "
+            f"runs over gloo here) or `torchrun --nproc_per_node {wanted} -m tunestack ...`"
+        )

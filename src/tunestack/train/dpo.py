@@ -95,11 +95,11 @@ class DPOStage(PreferenceStage):
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
         train = ctx.args.train
-        from tunestack.train.fast import head_outside_forward, packed_row_mixins
+        from tunestack.train.fast import head_outside_forward, output_layer_trains, packed_row_mixins
 
         if ctx.args.options.reference_free or not (train.padding_free and train.sparse_lm_head):
             return ()
-        if not head_outside_forward(train, "--sparse_lm_head (packed DPO log-probs)"):
+        if not head_outside_forward(train, "--sparse_lm_head (packed DPO log-probs)", output_layer_trains(model)):
             return ()
         from tunestack.train.fast.packed_logps import PackedPreferenceMixin
 

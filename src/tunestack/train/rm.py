@@ -135,7 +135,7 @@ class RewardModelStage(PreferenceStage):
 
         if self._head(ctx) == VALUE_HEAD or not train.padding_free:
             return ()
-        if not head_outside_forward(train, "--padding_free (packed reward scores)"):
+        if not head_outside_forward(train, "--padding_free (packed reward scores)", head_trains=True):
             return ()
         from tunestack.train.fast.packed_scores import PackedRewardMixin
 

@@ -14,24 +14,33 @@ from typing import Any
 logger = logging.getLogger("tunestack")
 
 
-def head_outside_forward(train_args: Any, what: str) -> bool:
-    """Whether a fast path that runs the output (or score) layer after the model's forward pass may run: not
-    where that layer's weight is sharded outside the forward (ZeRO-3, FSDP1; FSDP2 keeps the root module's
-    weights, the output layer among them, gathered until backward). Says so when it is switched off."""
+def head_outside_forward(train_args: Any, what: str, head_trains: bool) -> bool:
+    """Whether a fast path that runs the output (or score) layer after the model's forward pass may run: not where
+    that layer's weight is sharded outside the forward (ZeRO-3, FSDP1), nor under FSDP2 when the layer itself
+    trains (FSDP2 keeps the root module's weights gathered until backward, but its gradient must come from within
+    FSDP's own backward). Says so when it is switched off."""
     from tunestack.train.distributed import sharding
 
     kind = sharding(train_args)
     version = int((getattr(train_args, "fsdp_config", None) or {}).get("version", 2))
-    why = {"zero3": "ZeRO-3", "fsdp": "FSDP1" if version == 1 else None}.get(kind or "")
-    if why is None:
+    reason = None
+    if kind == "zero3":
+        reason = "ZeRO-3: it partitions the output layer's weight outside the model's forward pass"
+    elif kind == "fsdp" and version == 1:
+        reason = "FSDP1: it reshards the output layer's weight outside the model's forward pass"
+    elif kind == "fsdp" and head_trains:
+        reason = "FSDP when the output layer trains: its gradient must come from FSDP's own backward"
+    if reason is None:
         return True
-    logger.info(
-        "%s is switched off under %s: it partitions the output layer's weight outside the model's forward "
-        "pass; the model's own output layer runs instead (same loss)",
-        what,
-        why,
-    )
+    logger.info("%s is switched off under %s; the model's own output layer runs instead (same loss)", what, reason)
     return False
+
+
+def output_layer_trains(model: Any) -> bool:
+    from tunestack.train.fast.efficient import hf_model
+
+    head = hf_model(model).get_output_embeddings()
+    return head is not None and any(p.requires_grad for p in head.parameters())
 
 
 def lm_trainer_mixins(train_args: Any, model: Any, packed: bool) -> tuple[type, ...]:
@@ -43,7 +52,9 @@ def lm_trainer_mixins(train_args: Any, model: Any, packed: bool) -> tuple[type, 
     if (
         train_args.sparse_lm_head
         and supports_trained_positions(model)
-        and head_outside_forward(train_args, "--sparse_lm_head (the trained-positions output layer)")
+        and head_outside_forward(
+            train_args, "--sparse_lm_head (the trained-positions output layer)", output_layer_trains(model)
+        )
     ):
         mixins += (TrainedPositionsLossMixin,)
     if packed:
