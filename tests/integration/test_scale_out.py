@@ -123,7 +123,9 @@ def test_fsdp_two_processes_end_where_one_process_ends(tiny_model, chat, tmp_pat
     proc = _run([*_torchrun(2), *argv], _env(tmp_path / "probe", tmp_path / "home"), tmp_path)
     info = _info(tmp_path / "probe", 2)
     assert [(i["world_size"], i["engine"]) for i in info] == [(2, "FSDP")] * 2
-    switched = "--sparse_lm_head (the trained-positions output layer) is switched off under FSDP when the output layer trains"
+    switched = (
+        "--sparse_lm_head (the trained-positions output layer) is switched off under FSDP when the output layer trains"
+    )
     assert (switched in proc.stderr) == bool(method), "the output layer is frozen under LoRA: the fast path stays on"
     assert _batches(tmp_path / "probe", 0) != _batches(tmp_path / "probe", 1)
     weights = _weights(tmp_path / "probe")
@@ -268,3 +270,35 @@ def test_deepspeed_lora_on_two_cpu_processes(tiny_model, chat, tmp_path, one_pro
     assert "resuming from" in again.stderr
     assert json.loads((tmp_path / "p2" / "rank0.json").read_text())["global_step"] == 3
     _saved_adapter_is(resumed, weights)
+
+
+def test_ppo_under_zero3_saves_the_gathered_policy(tiny_model: Path, tmp_path: Path) -> None:
+    """PPO (tunestack's own loop, through accelerate) with `--deepspeed zero3`: generation in step on both
+    processes, identical weights on both, and the saved adapter and value head are the gathered trained ones."""
+    from rewards import QUESTIONS  # tests/fixtures
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "train.txt").write_text("\n".join(QUESTIONS * 4) + "\n")
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(FIXTURES / "rl_ddp_probe.py"), "rl", "--algo", "ppo", "--model_name_or_path", str(tiny_model),
+        "--train_file_dir", str(prompts), "--output_dir", str(out), "--reward_funcs", "rewards:letter_a",
+        "--batch_size", "4", "--mini_batch_size", "2", "--ppo_epochs", "1", "--max_target_length", "6",
+        "--learning_rate", "5e-3", "--max_steps", "2", "--save_steps", "2", "--report_to", "none",
+        "--deepspeed", "zero3",
+    ]  # fmt: skip
+    _run(cmd, _env(probe, tmp_path / "home"), tmp_path)
+    assert [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"world_size": 2, "steps": 2}] * 2
+    w0, w1 = _weights(probe, 0), _weights(probe, 1)
+    assert w0.keys() == w1.keys()
+    for name, tensor in w0.items():
+        assert torch.equal(tensor, w1[name]), name
+    adapter = {n.removeprefix("policy."): t for n, t in w0.items() if "lora_" in n}
+    _saved_adapter_is(out, adapter)
+    head = load_file(out / "value_head.safetensors")
+    for name, tensor in head.items():
+        assert torch.equal(tensor, w0[f"value_head.{name}"]), name
+    shards = sorted(p.name for p in (out / "checkpoint-2" / "zero").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards
