@@ -72,6 +72,7 @@ def child_trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
         gradient_checkpointing=spec["trl_gradient_checkpointing"],  # DPOConfig's default is True
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
+        **spec.get("trainer_args", {}),  # e.g. deepspeed (bench/gpu_check.py)
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
     torch.manual_seed(TRAIN_SEED)
@@ -83,6 +84,8 @@ def child_trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
         peft_config=_lora_config(),
     )
     trainer.train()
+    if spec.get("save"):
+        trainer.save_model(str(Path(spec["work"]) / "out"))
     return common.probe_result(probe)
 
 

@@ -104,6 +104,7 @@ def _common_args(spec: dict[str, Any]) -> dict[str, Any]:
         "bf16": spec["dtype"] == "bfloat16",
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_pin_memory": torch.cuda.is_available(),
+        **spec.get("trainer_args", {}),  # e.g. deepspeed / fsdp (bench/gpu_check.py)
     }
 
 
@@ -136,14 +137,26 @@ def child_hf_padded(spec: dict[str, Any]) -> dict[str, Any]:
     raw = datasets.Dataset.from_list([{"messages": m} for m in _read_messages(spec["fitted"])])
     train = raw.map(tokenize, remove_columns=["messages"])
     dtype = getattr(torch, spec["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
+    kwargs: dict[str, Any] = {"attn_implementation": spec["attn"]} if spec.get("attn") else {}
+    if spec.get("qlora"):  # the QLoRA tutorial: 4-bit NF4 weights, bf16 compute, k-bit preparation
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, **kwargs)
     model.config.use_cache = False
+    if spec.get("qlora"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, _lora_config())
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     trainer = Trainer(
         model=model, args=TrainingArguments(**_common_args(spec)), train_dataset=train, data_collator=collator
     )
     trainer.train()
+    if spec.get("save"):
+        trainer.save_model(str(Path(spec["work"]) / "out"))
     return common.probe_result(probe)
 
 

@@ -107,6 +107,11 @@ def verify_saved_model(folder: Path, trained: bool) -> None:
     if config.exists():
         if not adapter.exists() or adapter.stat().st_size < 256:
             problems.append(f"{adapter} is missing or empty")
+        elif _empty_tensors(adapter):
+            problems.append(
+                f"{adapter}: {_empty_tensors(adapter)} of its tensors hold no values (the placeholders of "
+                "ZeRO-3-partitioned weights, saved without gathering them)"
+            )
         elif trained and json.loads(config.read_text()).get("peft_type") != "ADALORA" and _untrained(adapter):
             problems.append(f"{adapter}: every LoRA B matrix is zero, the adapter never trained")
     elif not (folder / "config.json").exists():
@@ -115,6 +120,14 @@ def verify_saved_model(folder: Path, trained: bool) -> None:
         problems.append(f"{folder}: no *.safetensors weights were written")
     if problems:
         raise SaveCheckError("save check failed: " + "; ".join(problems))
+
+
+def _empty_tensors(adapter_file: Path) -> int:
+    """How many tensors of a safetensors file have no elements."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_file), framework="pt") as fh:
+        return sum(1 for k in fh.keys() if 0 in fh.get_slice(k).get_shape())
 
 
 def _untrained(adapter_file: Path) -> bool:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from transformers import TrainingArguments
+
+from tunestack.config.deepspeed import HELP as DEEPSPEED_HELP
 
 
 @dataclass
@@ -31,6 +34,7 @@ class TrainArguments(TrainingArguments):
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default: OUTPUT_DIR/runs)."})
     save_safetensors: bool = field(default=True, metadata={"help": "Accepted; weights are always safetensors."})
     no_cuda: bool = field(default=False, metadata={"help": "Old name of --use_cpu."})
+    deepspeed: dict | str | None = field(default=None, metadata={"help": DEEPSPEED_HELP})
     # tunestack additions.
     padding_free: bool = field(
         default=True,
@@ -75,6 +79,14 @@ class TrainArguments(TrainingArguments):
             self.use_cpu = True
         import torch
 
+        from tunestack.config.deepspeed import check_deepspeed
+        from tunestack.config.fsdp import fsdp_settings
+
+        self.fsdp, self.fsdp_config = fsdp_settings(self.fsdp, self.fsdp_config)
+        self.deepspeed = check_deepspeed(self.deepspeed, self.fsdp)
+        if self.deepspeed is not None and not torch.cuda.is_available():
+            self.use_cpu = True  # DeepSpeed's CPU accelerator, over gloo
+
         # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; the tutorial names stay
         # first-class here (no deprecation warning), and the newer names work too.
         gc, gc_kwargs = "gradient_checkpointing", "gradient_checkpointing_kwargs"
@@ -102,9 +114,18 @@ class TrainArguments(TrainingArguments):
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # torchrun on a CPU-only machine: without this accelerate sets up a single process per rank.
                 self.use_cpu = True
+                _cpu_process_group(self.ddp_timeout)
         if self.early_stopping_patience and self.eval_strategy in ("no", None):
             self.eval_strategy = "steps"
         if self.early_stopping_patience:
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
         super().__post_init__()
+
+
+def _cpu_process_group(timeout_s: int) -> None:
+    """The gloo process group of a CPU run, with --ddp_timeout (accelerate's CPU path would use torch's default)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))

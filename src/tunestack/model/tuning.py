@@ -37,7 +37,7 @@ def find_linear_names(model: nn.Module) -> list[str]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves an empty placeholder, ds_numel is its size
         # 4-bit weights pack two values per byte.
         if p.__class__.__name__ == "Params4bit":
             n *= 2

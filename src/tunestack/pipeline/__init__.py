@@ -25,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete)")
     parser.add_argument("--output_root", help="override the recipe's output_root")
     parser.add_argument("--no_report", action="store_true", help="do not write report.html / report.md at the end")
+    parser.add_argument(
+        "--node_rank",
+        type=int,
+        default=None,
+        help="this machine's rank in the stages with nnodes > 1 (run the same recipe on every node; node 0 also "
+        "runs the single-node stages and writes the records; the output root must be a shared folder)",
+    )
     return parser
 
 
@@ -40,10 +47,12 @@ def main(argv: list[str]) -> int:
     if args.from_stage and args.only:
         raise ConfigError("give --from or --only, not both")
     refuse_under_torchrun()
-    recipe = load_recipe(args.recipe, args.output_root)
+    recipe = load_recipe(args.recipe, args.output_root, args.node_rank)
     if args.dry_run:
         print(describe_plan(recipe, make_plan(recipe, args.from_stage, args.only), commands=True))  # noqa: T201
         return 0
+    if recipe.node_rank > 0:  # node 0 holds the output root's lock and writes; this node only joins
+        return run_steps(recipe, make_plan(recipe, args.from_stage, args.only), report=False)
     # One pipeline at a time per output root: a second one would plan resumes of folders the first is writing.
     lock = WriterLock(recipe.output_root / LOCK_FILE, recipe.output_root).acquire()
     try:

@@ -48,6 +48,13 @@ def hash_path(path: Path) -> str:
 
 def data_signature(key: str, value: Any) -> dict[str, str]:
     """{path: content hash} of the files an option names; a missing path is a ConfigError."""
+    if key == "deepspeed":  # a shipped config's name, a file, or the settings themselves
+        from tunestack.config.deepspeed import resolve_deepspeed
+
+        resolved = resolve_deepspeed(json.dumps(value) if isinstance(value, dict) else value)
+        if isinstance(resolved, dict):
+            return {"inline": hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]}
+        return {str(value): hash_path(Path(resolved))} if resolved else {}
     out = {}
     for part in _parts(value):
         if REFERENCE.search(part) or part.lower() in ("none", "no", "false"):
@@ -105,6 +112,8 @@ def fingerprint(spec: StageSpec, upstream: dict[str, str]) -> tuple[str, dict[st
         "data": {k: data_signature(k, v) for k, v in options.items() if k in PATH_KEYS and v is not None},
         "version": __version__,
     }
+    if spec.nnodes > 1:  # how many processes train (not which node this is): part of what the stage makes
+        parts["nnodes"] = spec.nnodes
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16], parts
 
@@ -122,6 +131,8 @@ def what_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
         reasons.append(f"options changed ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''})")
     if old.get("nproc_per_node") != new["nproc_per_node"]:
         reasons.append("nproc_per_node changed")
+    if old.get("nnodes", 1) != new.get("nnodes", 1):
+        reasons.append("nnodes changed")
     old_data = old.get("data", {})
     if old_data != new["data"]:
         keys = sorted(k for k in set(old_data) | set(new["data"]) if old_data.get(k) != new["data"].get(k))

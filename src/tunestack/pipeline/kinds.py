@@ -38,7 +38,11 @@ PATH_KEYS = (
     "drift_prompts",
 )
 # Keys of a recipe stage that belong to the pipeline, not to the stage command.
-PIPELINE_KEYS = ("name", "stage", "nproc_per_node", "allow_outside_root")
+PIPELINE_KEYS = (
+    "name", "stage", "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "allow_outside_root"
+)  # fmt: skip
+# The launch keys of a stage (torchrun's flags), also accepted in a recipe's defaults.
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
 # Options the runner sets itself; they do not change what a stage produces.
 RUNNER_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 

@@ -42,16 +42,15 @@ class Step:
 
     def command(self) -> list[str]:
         """The process to start: `python -m tunestack CMD ...`, through torch.distributed.run for several processes."""
-        head = [sys.executable, "-m", "tunestack", self.spec.kind.command]
-        if self.spec.nproc_per_node > 1 and self.spec.kind.resumable:
-            launcher = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                str(self.spec.nproc_per_node),
-            ]
-            head = [*launcher, "-m", "tunestack", self.spec.kind.command]
+        spec = self.spec
+        head = [sys.executable, "-m", "tunestack", spec.kind.command]
+        if spec.processes > 1 and spec.kind.resumable:
+            launcher = [sys.executable, "-m", "torch.distributed.run"]
+            if spec.nnodes > 1:
+                launcher += ["--nnodes", str(spec.nnodes), "--node_rank", str(spec.node_rank)]
+                launcher += ["--master_addr", str(spec.master_addr), "--master_port", str(spec.master_port)]
+            launcher += ["--nproc_per_node", str(spec.nproc_per_node)]
+            head = [*launcher, "-m", "tunestack", spec.kind.command]
         return [*head, *self.run_argv()]
 
     def shell(self) -> str:
@@ -146,7 +145,7 @@ def make_plan(recipe: Recipe, from_stage: str | None = None, only: str | None = 
             step.action, step.reason = RUN, f"--from {from_stage}"
         else:
             step.action, step.reason = _decide(step, steps)
-        if step.action in (RUN, RESUME):
+        if step.action in (RUN, RESUME) and recipe.node_rank == 0:  # node 0 writes; the others only join
             problems += folder_problems(spec)
         steps[spec.name] = step
     if problems:
@@ -161,6 +160,8 @@ def describe_plan(recipe: Recipe, steps: list[Step], commands: bool = False) -> 
         spec = step.spec
         model = spec.options.get(spec.kind.model_key, "(default model)")
         extra = f", {spec.nproc_per_node} processes" if spec.nproc_per_node > 1 else ""
+        if spec.nnodes > 1:
+            extra = f", {spec.nnodes} nodes x {spec.nproc_per_node} processes (this is node {spec.node_rank})"
         lines.append(
             f"  {i}. {spec.name:<{width}}  {spec.kind.name:<5} {model} -> {spec.output_dir}{extra}\n"
             f"     {step.action.upper()}: {step.reason}"

@@ -28,7 +28,7 @@ from typing import Any
 
 from tunestack.config.parse import FLAG_ALIASES, load_recipe_file
 from tunestack.errors import ConfigError
-from tunestack.pipeline.kinds import KINDS, PIPELINE_KEYS, Kind, accepts, all_option_names, field_types
+from tunestack.pipeline.kinds import KINDS, LAUNCH_KEYS, PIPELINE_KEYS, Kind, accepts, all_option_names, field_types
 
 TOP_LEVEL_KEYS = ("output_root", "model", "defaults", "stages", "name", "description")
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
@@ -44,6 +44,14 @@ class StageSpec:
     nproc_per_node: int = 1
     refs: list[str] = field(default_factory=list)  # stages whose outputs this one reads, in order
     allow_outside_root: bool = False  # its output_dir may be absolute or leave the output root
+    nnodes: int = 1  # several machines: torchrun --nnodes N --node_rank R --master_addr A --master_port P
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int = 29500
+
+    @property
+    def processes(self) -> int:
+        return self.nnodes * self.nproc_per_node
 
     @property
     def makes_policy(self) -> bool:
@@ -55,6 +63,7 @@ class Recipe:
     path: Path
     output_root: Path
     stages: list[StageSpec]
+    node_rank: int = 0  # this machine's rank (tunestack run --node_rank): above 0 it only joins multi-node stages
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
@@ -96,11 +105,28 @@ def _canonical(kind: Kind, key: str) -> str:
     return key
 
 
-def _nproc(value: Any, where: str, problems: list[str]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        problems.append(f"{where}: nproc_per_node must be a positive integer, got {value!r}")
-        return 1
+def _count(key: str, value: Any, where: str, problems: list[str], low: int = 1, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        kind = "a positive integer" if low == 1 and high is None else f"an integer from {low} to {high}"
+        problems.append(f"{where}: {key} must be {kind}, got {value!r}")
+        return low
     return value
+
+
+def _launch(raw: dict[str, Any], defaults: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
+    """nproc_per_node, nnodes, node_rank, master_addr, master_port of a stage (its own, else the defaults)."""
+    given = {k: raw.get(k, defaults.get(k)) for k in LAUNCH_KEYS}
+    nnodes = _count("nnodes", given["nnodes"] if given["nnodes"] is not None else 1, where, problems)
+    out = {
+        "nproc_per_node": _count("nproc_per_node", given["nproc_per_node"] or 1, where, problems),
+        "nnodes": nnodes,
+        "node_rank": _count("node_rank", given["node_rank"] or 0, where, problems, 0, nnodes - 1),
+        "master_port": _count("master_port", given["master_port"] or 29500, where, problems, 1, 65535),
+        "master_addr": None if given["master_addr"] is None else str(given["master_addr"]),
+    }
+    if nnodes > 1 and not out["master_addr"]:
+        problems.append(f"{where}: nnodes {nnodes} needs master_addr (the host of node 0, reachable from every node)")
+    return out
 
 
 def _read_stage(i: int, raw: Any, defaults: dict[str, Any], problems: list[str]) -> StageSpec | None:
@@ -136,11 +162,11 @@ def _read_stage(i: int, raw: Any, defaults: dict[str, Any], problems: list[str])
         canonical = _canonical(kind, key)
         if canonical not in options and accepts(kind, canonical) and key not in PIPELINE_KEYS:
             options[canonical] = value
-    nproc = _nproc(raw.get("nproc_per_node", defaults.get("nproc_per_node", 1)), where, problems)
+    launch = _launch(raw, defaults, where, problems)
     outside = raw.get("allow_outside_root", False)
     if not isinstance(outside, bool):
         problems.append(f"{where}: allow_outside_root must be true or false, got {outside!r}")
-    return StageSpec(name, kind, options, Path(), nproc, allow_outside_root=outside is True)
+    return StageSpec(name, kind, options, Path(), allow_outside_root=outside is True, **launch)
 
 
 def _check_references(stages: list[StageSpec], problems: list[str]) -> None:
@@ -252,11 +278,13 @@ def _output_dir(stage: StageSpec, root: Path, problems: list[str]) -> Path:
     return root / path
 
 
-def load_recipe(path: str | Path, output_root: str | None = None) -> Recipe:
-    """Parse and check a recipe; raises ConfigError listing every problem."""
+def load_recipe(path: str | Path, output_root: str | None = None, node_rank: int | None = None) -> Recipe:
+    """Parse and check a recipe; raises ConfigError listing every problem. `node_rank` (tunestack run --node_rank)
+    is this machine's rank in every stage that runs on several nodes."""
     path = Path(path)
     data = load_recipe_file(path)
     problems: list[str] = []
+
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             problems.append(f"{path}: unknown top-level key '{key}'{_hint(key, list(TOP_LEVEL_KEYS))}")
@@ -264,7 +292,7 @@ def load_recipe(path: str | Path, output_root: str | None = None) -> Recipe:
     if not isinstance(defaults, dict):
         problems.append(f"{path}: 'defaults' must be a mapping of stage keys")
         defaults = {}
-    known = all_option_names() | set(FLAG_ALIASES) | {"nproc_per_node"}
+    known = all_option_names() | set(FLAG_ALIASES) | set(LAUNCH_KEYS)
     for key in defaults:
         if key not in known or key in ("name", "stage"):
             problems.append(f"defaults: unknown key '{key}'{_hint(key, known)}")
@@ -279,6 +307,14 @@ def load_recipe(path: str | Path, output_root: str | None = None) -> Recipe:
         if stage.name in seen:
             problems.append(f"stage '{stage.name}': two stages have this name; give one of them another 'name:'")
         seen.add(stage.name)
+    for stage in stages:
+        if node_rank is not None and stage.nnodes > 1:
+            if not 0 <= node_rank < stage.nnodes:
+                problems.append(
+                    f"--node_rank {node_rank}: stage '{stage.name}' runs on {stage.nnodes} nodes, ranked 0 to "
+                    f"{stage.nnodes - 1}"
+                )
+            stage.node_rank = node_rank
     if len(stages) == len(raw_stages) and len(seen) == len(stages):
         _check_references(stages, problems)
     if not problems:
@@ -294,4 +330,4 @@ def load_recipe(path: str | Path, output_root: str | None = None) -> Recipe:
             problems.append(f"stage '{stage.name}': writes to the output_dir of stage '{other}' ({stage.output_dir})")
     if problems:
         raise ConfigError(problems)
-    return Recipe(path, root, stages)
+    return Recipe(path, root, stages, node_rank or 0)

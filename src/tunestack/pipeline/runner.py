@@ -121,6 +121,8 @@ def run_steps(recipe: Recipe, steps: list[Step], report: bool = True) -> int:
     """Run or skip each step in order; stops at the first stage that fails. Returns an exit code."""
     started = time.time()
     _say(describe_plan(recipe, steps))
+    if recipe.node_rank > 0:
+        return _join_steps(recipe, steps)
     rows: dict[str, dict[str, Any]] = {}
     code, status = 0, "complete"
     for i, step in enumerate(steps, start=1):
@@ -173,6 +175,22 @@ def run_steps(recipe: Recipe, steps: list[Step], report: bool = True) -> int:
         if policies:
             _say(f"serve the last model: tunestack serve --model {policies[-1].spec.output_dir}")
     return code
+
+
+def _join_steps(recipe: Recipe, steps: list[Step]) -> int:
+    """On a node other than 0: start this node's processes of every multi-node stage that runs, in order. Node 0
+    runs the single-node stages and writes every record (the output root is a folder all nodes share)."""
+    for step in steps:
+        spec = step.spec
+        if step.action not in (RUN, RESUME) or spec.nnodes == 1:
+            continue
+        _say(f"== {spec.name} ({spec.kind.name}): joining as node {spec.node_rank} of {spec.nnodes}")
+        code = _launch(step.command())
+        if code != 0:
+            _say(f"stage '{spec.name}' exited with code {code} on node {spec.node_rank}; see node 0 for its record")
+            return code
+    _say(f"node {recipe.node_rank}: every multi-node stage of {recipe.path} ran")
+    return 0
 
 
 def _write_report(recipe: Recipe) -> None:

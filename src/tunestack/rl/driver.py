@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, saving, verify_saved_model
+from tunestack.config.deepspeed import zero_stage
 from tunestack.data.prompts import PromptEncoder
 from tunestack.data.templates import get_template, stop_token_ids
+from tunestack.errors import ConfigError
 from tunestack.model.value_head import VALUE_HEAD_FILE
+from tunestack.rl.engine import ppo_accelerator
 from tunestack.rl.ppo import PPOLoop, PPOSettings
 from tunestack.rl.rewards import build_reward_functions, total_reward
 from tunestack.rundir import append_metrics, promote_final
 from tunestack.train.callbacks import GracefulStop, StopRequested
 from tunestack.train.chat_files import save_chat_files
+from tunestack.train.distributed import gathered
 from tunestack.train.plots import plot_curves
 
 logger = logging.getLogger("tunestack")
@@ -89,10 +93,18 @@ class PPORun:
         if not hasattr(model, "disable_adapter"):  # full / freeze tuning: a frozen copy is the reference
             import copy
 
+            if zero_stage(args.train.deepspeed) == 3:
+                raise ConfigError(
+                    "rl --algo ppo with full or freeze tuning under ZeRO-3 is not supported (its frozen reference "
+                    "copy would be partitioned too): use LoRA (the reference is the adapter switched off) or zero2"
+                )
             ref_model = copy.deepcopy(model).requires_grad_(False)
         encoder = PromptEncoder(ctx.tokenizer, self.template, args.data.max_source_length)
         stops = stop_token_ids(self.template, ctx.tokenizer)
-        self.loop = PPOLoop(model, ctx.tokenizer, encoder, reward, stops, self.settings, self.out_dir, ref_model)
+        accelerator = ppo_accelerator(args.train, self.settings, model.config.hidden_size)
+        self.loop = PPOLoop(
+            model, ctx.tokenizer, encoder, reward, stops, self.settings, self.out_dir, ref_model, accelerator
+        )
         self.acc = self.loop.accelerator
 
     def run(self, resume_from: Path | None, stop: GracefulStop) -> dict[str, Any]:
@@ -178,36 +190,47 @@ class PPORun:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def _save_policy(self, folder: Path) -> None:
+        """Every process calls it: under ZeRO-3 the weights are gathered first; the main process writes."""
         from safetensors.torch import save_file
 
         ctx, unwrapped = self.ctx, self.loop.unwrapped
-        unwrapped.policy.save_pretrained(folder)
+        adapter = hasattr(unwrapped.policy, "peft_config")
+        saved = [p for p in unwrapped.policy.parameters() if p.requires_grad or not adapter]
+        with gathered(saved + list(unwrapped.value_head.parameters())):
+            if not self.acc.is_main_process:
+                return
+            ids = {id(p) for p in saved}
+            state = {n: p.detach().cpu().clone() for n, p in unwrapped.policy.named_parameters() if id(p) in ids}
+            unwrapped.policy.save_pretrained(folder, state_dict=state if self.loop.zero3 else None)
+            head = {k: v.detach().cpu().contiguous().clone() for k, v in unwrapped.value_head.state_dict().items()}
         ctx.tokenizer.save_pretrained(folder)
         save_chat_files(ctx.tokenizer, self.template, ctx.ref.base_dir if ctx.ref else None, folder)
-        head = {k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}
         save_file(head, str(folder / VALUE_HEAD_FILE))
 
-    def _checkpoint(self) -> None:
+    def _staged_save(self, name: str, what: str, trained: bool, finish: Any) -> None:
+        """A save into .staging/NAME by every process, checked and put in place by the main one."""
+        staging = self.out_dir / STAGING_DIR / name
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            step = self.loop.step
-            staging = self.out_dir / STAGING_DIR / f"checkpoint-{step}"
             staging.mkdir(parents=True, exist_ok=True)
-            with saving(staging, f"checkpoint-{step}"):
-                self._save_policy(staging)
-                self.loop.save_state(staging)
-                verify_saved_model(staging, trained=step > 0)
-                commit_checkpoint(staging, self.out_dir / f"checkpoint-{step}", step, self.record)
         self.acc.wait_for_everyone()
+        with saving(staging, what):
+            self._save_policy(staging)
+            if name != "final":
+                self.loop.save_state(staging)
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                verify_saved_model(staging, trained=trained)
+                finish(staging)
+        self.acc.wait_for_everyone()
+
+    def _checkpoint(self) -> None:
+        step = self.loop.step
+        final = self.out_dir / f"checkpoint-{step}"
+        self._staged_save(
+            f"checkpoint-{step}", f"checkpoint-{step}", step > 0, lambda s: commit_checkpoint(s, final, step, self.record)
+        )
 
     def _save_final(self) -> None:
         """Staged and checked like a checkpoint before its files move into OUTPUT_DIR."""
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            staging = self.out_dir / STAGING_DIR / "final"
-            staging.mkdir(parents=True, exist_ok=True)
-            with saving(staging, "the final policy"):
-                self._save_policy(staging)
-                verify_saved_model(staging, trained=self.loop.step > 0)
-                promote_final(staging, self.out_dir)
-        self.acc.wait_for_everyone()
+        self._staged_save("final", "the final policy", self.loop.step > 0, lambda s: promote_final(s, self.out_dir))

@@ -6,9 +6,7 @@ parallelism works: every rank rolls out its own prompts and gradients are averag
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from tunestack.model.anatomy import takes_argument, untokenizable_ids
+from tunestack.rl.engine import load_loop_state, ppo_optimizer, save_loop_state, uses_deepspeed, zero3
 from tunestack.rl.policy import PolicyWithValue
 from tunestack.rl.ppo_core import (
     KLController,
@@ -30,6 +29,7 @@ from tunestack.rl.ppo_core import (
     response_mask,
     token_logprobs,
 )
+from tunestack.train.distributed import full_values
 
 logger = logging.getLogger("tunestack")
 
@@ -96,10 +96,11 @@ class PPOLoop:
         settings: PPOSettings,
         output_dir: Path,
         ref_model: nn.Module | None = None,
+        accelerator: Any = None,
     ):
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator()
+        self.accelerator = accelerator if accelerator is not None else Accelerator()
         self.s = settings
         self.tokenizer = tokenizer
         self.encode_prompt = encode_prompt
@@ -111,8 +112,9 @@ class PPOLoop:
         hidden = model.config.hidden_size
         wrapped = PolicyWithValue(model, hidden)
         params = [p for p in wrapped.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+        optimizer = ppo_optimizer(self.accelerator, params, settings.learning_rate)
         self.model, self.optimizer = self.accelerator.prepare(wrapped, optimizer)
+        self.deepspeed, self.zero3 = uses_deepspeed(self.accelerator), zero3(self.accelerator)
         if self.ref_model is not None:
             self.ref_model.to(self.accelerator.device).eval()
         self.kl = KLController(
@@ -152,7 +154,11 @@ class PPOLoop:
             use_cache=policy.generation_config.use_cache is not False,  # False for code predating the cache
             suppress_tokens=untokenizable_ids(policy, self.tokenizer) or None,
         )
-        generated = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        # ZeRO-3 gathers each layer's weights from every process: all must run as many forward passes.
+        synced = self.zero3 and self.accelerator.num_processes > 1
+        generated = policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced
+        )
         responses = generated[:, width:]
         if responses.shape[1] == 0:
             responses = torch.full((len(prompts), 1), self.stop_ids[0], device=device)
@@ -266,7 +272,7 @@ class PPOLoop:
                 loss = pg + self.s.vf_coef * vf
                 self._finite("loss", loss.detach())
                 self.accelerator.backward(loss)
-                if self.s.max_grad_norm:
+                if self.s.max_grad_norm and not self.deepspeed:  # DeepSpeed clips inside its step (gradient_clipping)
                     norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
                     self._finite("gradient norm", torch.as_tensor(norm))
                 self.optimizer.step()
@@ -331,49 +337,11 @@ class PPOLoop:
     # ---------------------------------------------------------------------------------- state
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        """The trained parameters (gathered under ZeRO-3: every process must call it)."""
+        return full_values([(n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad])
 
     def save_state(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.trainable_state(), str(folder / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-        if torch.cuda.is_available():  # sampling on a GPU draws from its generator
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, folder / "rng_state.pt")
-        (folder / "rl_state.json").write_text(
-            json.dumps(
-                {
-                    "step": self.step,
-                    "kl_coef": self.kl.value,
-                    "python_rng_version": random.getstate()[0],
-                    "python_rng_gauss": random.getstate()[2],
-                }
-            )
-        )
+        save_loop_state(self, folder)  # every process calls it
 
     def load_state(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        from tunestack.errors import ConfigError
-
-        state = load_file(str(folder / "trainable.safetensors"))
-        params = dict(self.unwrapped.named_parameters())
-        unexpected = [k for k in state if k not in params]
-        absent = [k for k, p in params.items() if p.requires_grad and k not in state]
-        if unexpected or absent:
-            detail = f"e.g. {unexpected[0]} is not in this model" if unexpected else f"it has no {absent[0]}"
-            raise ConfigError(f"{folder}: the checkpoint does not fit this model/adapter ({detail})")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        rng = torch.load(folder / "rng_state.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        meta = json.loads((folder / "rl_state.json").read_text())
-        random.setstate((meta["python_rng_version"], tuple(rng["python"]), meta["python_rng_gauss"]))
-        self.step = meta["step"]
-        self.kl.value = meta["kl_coef"]
+        load_loop_state(self, folder)

@@ -27,6 +27,7 @@ from tunestack.model.ref import ModelRef, resolve_model
 from tunestack.model.tuning import apply_tuning, describe_trainable
 from tunestack.rundir import OutputFolder, tunestack_home
 from tunestack.train.callbacks import GracefulStop
+from tunestack.train.distributed import check_launch, data_first_on_main, start_deepspeed
 from tunestack.train.fast import fit_fast_paths
 from tunestack.train.fit import train_with_trainer
 from tunestack.train.resume import check_resume
@@ -104,6 +105,7 @@ class Stage:
         model = self.load_model(ctx)
         if hasattr(model, "config"):
             model.config.use_cache = False
+        set_seed(args.train.seed)  # the adapter starts the same however the weights loaded (ZeRO-3 draws while loading)
         model = apply_tuning(
             model,
             args.tuning,
@@ -198,14 +200,16 @@ class Stage:
         from accelerate import PartialState
 
         started = time.time()
+        check_launch()
         args = self.parse(argv)
+        start_deepspeed(args.train)
         state = PartialState()
         output = OutputFolder(args.train.output_dir, self.name, is_main=state.is_main_process)
         train = args.train
         resume_from = main_decides(state, lambda: output.plan(train.resume_from_checkpoint, train.overwrite_output_dir))
         try:
             ctx = self._context(args)
-            with state.main_process_first():
+            with data_first_on_main(state):
                 data = self.prepare_data(ctx)
             manifest = self._manifest(ctx, data)
             if resume_from is not None:

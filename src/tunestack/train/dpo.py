@@ -96,6 +96,8 @@ class DPOStage(PreferenceStage):
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
         train = ctx.args.train
+        from tunestack.train.fast import head_outside_forward, output_layer_trains, packed_row_mixins
+
         if ctx.args.options.reference_free:
             return ()
         if not is_native(ctx.model_config):
@@ -104,7 +106,8 @@ class DPOStage(PreferenceStage):
             return (LogitsPreferenceMixin,)
         if not (train.padding_free and train.sparse_lm_head):
             return ()
-        from tunestack.train.fast import packed_row_mixins
+        if not head_outside_forward(train, "--sparse_lm_head (packed DPO log-probs)", output_layer_trains(model)):
+            return ()
         from tunestack.train.fast.packed_logps import PackedPreferenceMixin
 
         return (PackedPreferenceMixin, *packed_row_mixins(train))

@@ -40,7 +40,22 @@ def resume_record(manifest: dict[str, Any]) -> dict[str, Any]:
     for group, keys in SHAPING.items():
         values = options.get(group) or {}
         record.update({f"{group}.{key}": values.get(key) for key in keys if key in values})
+    train = options.get("train") or {}
+    if "fsdp" in train or "deepspeed" in train:
+        # DDP, FSDP, ZeRO-1/2 and ZeRO-3 each lay out the optimizer state in their own files.
+        record["train.sharding"] = _sharding(train) or "none"
     return record
+
+
+def _sharding(train: dict[str, Any]) -> str | None:
+    from types import SimpleNamespace
+
+    from tunestack.train.distributed import sharding
+
+    try:
+        return sharding(SimpleNamespace(fsdp=train.get("fsdp"), deepspeed=train.get("deepspeed")))
+    except ConfigError:  # the DeepSpeed file of the run that wrote the checkpoint is gone
+        return "zero"
 
 
 def resume_problems(now: dict[str, Any], then: dict[str, Any]) -> list[str]:

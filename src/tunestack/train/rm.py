@@ -131,9 +131,12 @@ class RewardModelStage(PreferenceStage):
 
     def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
         train = ctx.args.train
+        from tunestack.train.fast import head_outside_forward, packed_row_mixins
+
         if self._head(ctx) == VALUE_HEAD or not train.padding_free:
             return ()
-        from tunestack.train.fast import packed_row_mixins
+        if not head_outside_forward(train, "--padding_free (packed reward scores)", head_trains=True):
+            return ()
         from tunestack.train.fast.packed_scores import PackedRewardMixin
 
         return (PackedRewardMixin, *packed_row_mixins(train))

@@ -18,10 +18,15 @@ from transformers.trainer_utils import rotate_checkpoints
 from tunestack.checkpoints import STAGING_DIR, commit_checkpoint, latest_complete_checkpoint, saving, verify_saved_model
 from tunestack.errors import TrainingDiverged
 from tunestack.model.tuning import is_adalora, load_adalora_state, save_adalora_state
+from tunestack.train.distributed import enable_fsdp_on_cpu
 
 
 class TunestackTrainerMixin:
     """Mixed in before a transformers.Trainer subclass."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         run_dir = Path(self._get_output_dir(trial=trial))

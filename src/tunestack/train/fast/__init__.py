@@ -38,13 +38,48 @@ def fit_fast_paths(train_args: Any, config: Any) -> None:
         train_args.padding_free = False
 
 
+def head_outside_forward(train_args: Any, what: str, head_trains: bool) -> bool:
+    """Whether a fast path that runs the output (or score) layer after the model's forward pass may run: not where
+    that layer's weight is sharded outside the forward (ZeRO-3, FSDP1), nor under FSDP2 when the layer itself
+    trains (FSDP2 keeps the root module's weights gathered until backward, but its gradient must come from within
+    FSDP's own backward). Says so when it is switched off."""
+    from tunestack.train.distributed import sharding
+
+    kind = sharding(train_args)
+    version = int((getattr(train_args, "fsdp_config", None) or {}).get("version", 2))
+    reason = None
+    if kind == "zero3":
+        reason = "ZeRO-3: it partitions the output layer's weight outside the model's forward pass"
+    elif kind == "fsdp" and version == 1:
+        reason = "FSDP1: it reshards the output layer's weight outside the model's forward pass"
+    elif kind == "fsdp" and head_trains:
+        reason = "FSDP when the output layer trains: its gradient must come from FSDP's own backward"
+    if reason is None:
+        return True
+    logger.info("%s is switched off under %s; the model's own output layer runs instead (same loss)", what, reason)
+    return False
+
+
+def output_layer_trains(model: Any) -> bool:
+    from tunestack.train.fast.efficient import hf_model
+
+    head = hf_model(model).get_output_embeddings()
+    return head is not None and any(p.requires_grad for p in head.parameters())
+
+
 def lm_trainer_mixins(train_args: Any, model: Any, packed: bool) -> tuple[type, ...]:
     """Trainer behaviour of language-modelling stages: the trained-positions loss where the model allows it,
     and per-sample attention when batches are packed rows."""
     from tunestack.train.fast.efficient import TrainedPositionsLossMixin, supports_trained_positions
 
     mixins: tuple[type, ...] = ()
-    if train_args.sparse_lm_head and supports_trained_positions(model):
+    if (
+        train_args.sparse_lm_head
+        and supports_trained_positions(model)
+        and head_outside_forward(
+            train_args, "--sparse_lm_head (the trained-positions output layer)", output_layer_trains(model)
+        )
+    ):
         mixins += (TrainedPositionsLossMixin,)
     if packed:
         mixins += packed_row_mixins(train_args)
