@@ -69,6 +69,9 @@ def run_child(script: Path, kind: str, spec: dict[str, Any], work: Path) -> dict
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    # Every system gets torch's own thread count (one per core), whatever thread limits the calling shell sets.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
     log = work / "log.txt"
     load_before = os.getloadavg()[0]
     start = time.perf_counter()

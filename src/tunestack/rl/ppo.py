@@ -29,9 +29,9 @@ from tunestack.rl.ppo_core import (
     response_mask,
     token_logprobs,
 )
+from tunestack.timing import PhaseClock
 
 logger = logging.getLogger("tunestack")
-
 
 
 @dataclass
@@ -119,6 +119,7 @@ class PPOLoop:
         )
         self.step = 0
         self.last_rollout: Rollout | None = None
+        self.clock = PhaseClock(torch.cuda.synchronize if torch.cuda.is_available() else None)
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -150,7 +151,8 @@ class PPOLoop:
             pad_token_id=self.pad_id,
             use_cache=True,
         )
-        generated = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        with self.clock("generation"):
+            generated = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         responses = generated[:, width:]
         if responses.shape[1] == 0:
             responses = torch.full((len(prompts), 1), self.stop_ids[0], device=device)
@@ -163,11 +165,12 @@ class PPOLoop:
             kept = row[m.bool()]
             completions.append(self.tokenizer.decode(kept, skip_special_tokens=True))
             with_stop.append(self.tokenizer.decode(kept, skip_special_tokens=False))
-        raw = torch.tensor(
-            self.reward_fn(prompts=prompt_texts, completions=completions, completions_with_stop=with_stop),
-            dtype=torch.float32,
-            device=device,
-        )
+        with self.clock("reward"):
+            raw = torch.tensor(
+                self.reward_fn(prompts=prompt_texts, completions=completions, completions_with_stop=with_stop),
+                dtype=torch.float32,
+                device=device,
+            )
         scores = raw - self.s.reward_baseline
         if self.s.missing_eos_penalty is not None:
             scores = scores - self.s.missing_eos_penalty * (~stopped).float()
@@ -197,11 +200,13 @@ class PPOLoop:
         self.model.eval()
         logps, values, refs, ents = [], [], [], []
         for chunk in torch.arange(r.input_ids.shape[0], device=r.input_ids.device).split(self.s.mini_batch_size):
-            logp, value, logits = self._forward(self.model, r, chunk, with_values=True)
-            logps.append(logp)
-            values.append(value)
-            ents.append(entropy_from_logits(logits))
-            refs.append(self._ref_logprobs(r, chunk))
+            with self.clock("old_logprobs_values"):
+                logp, value, logits = self._forward(self.model, r, chunk, with_values=True)
+                logps.append(logp)
+                values.append(value)
+                ents.append(entropy_from_logits(logits))
+            with self.clock("ref_logprobs"):
+                refs.append(self._ref_logprobs(r, chunk))
         return torch.cat(logps), torch.cat(values), torch.cat(refs), torch.cat(ents)
 
     def _ref_logprobs(self, r: Rollout, idx: torch.Tensor) -> torch.Tensor:
@@ -227,6 +232,13 @@ class PPOLoop:
             )
 
     def train_step(self, prompts: list[Any]) -> dict[str, float]:
+        self.clock.take()
+        with self.clock("step"):
+            out = self._train_step(prompts)
+        out.update({f"time/{k}": v for k, v in self.clock.take().items()})
+        return out
+
+    def _train_step(self, prompts: list[Any]) -> dict[str, float]:
         r = self.rollout(prompts)
         self._finite("reward", r.scores)
         old_logp, old_values, ref_logp, entropy = self._score_old(r)
@@ -241,36 +253,37 @@ class PPOLoop:
         n = r.input_ids.shape[0]
         self.model.train()
         stop_early = False
-        for _ in range(self.s.ppo_epochs):
-            for idx in torch.randperm(n, device=mask.device).split(self.s.mini_batch_size):
-                logp, values, _ = self._forward(self.model, r, idx, with_values=True)
-                pg, vf, ls = ppo_losses(
-                    logp,
-                    old_logp[idx],
-                    advantages[idx],
-                    values,
-                    old_values[idx],
-                    returns[idx],
-                    mask[idx],
-                    self.s.clip_range,
-                    self.s.clip_range_value,
-                )
-                loss = pg + self.s.vf_coef * vf
-                self._finite("loss", loss.detach())
-                self.accelerator.backward(loss)
-                if self.s.max_grad_norm:
-                    norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
-                    self._finite("gradient norm", torch.as_tensor(norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad()
-                for key in stats:
-                    stats[key].append(getattr(ls, key))
-            if self.s.early_stopping:
-                # Every rank must take the same number of steps: decide on the mean over ranks.
-                approx = self.accelerator.reduce(torch.tensor(stats["approx_kl"][-1], device=mask.device), "mean")
-                if approx.item() > 1.5 * self.s.target_kl:
-                    stop_early = True
-                    break
+        with self.clock("update"):
+            for _ in range(self.s.ppo_epochs):
+                for idx in torch.randperm(n, device=mask.device).split(self.s.mini_batch_size):
+                    logp, values, _ = self._forward(self.model, r, idx, with_values=True)
+                    pg, vf, ls = ppo_losses(
+                        logp,
+                        old_logp[idx],
+                        advantages[idx],
+                        values,
+                        old_values[idx],
+                        returns[idx],
+                        mask[idx],
+                        self.s.clip_range,
+                        self.s.clip_range_value,
+                    )
+                    loss = pg + self.s.vf_coef * vf
+                    self._finite("loss", loss.detach())
+                    self.accelerator.backward(loss)
+                    if self.s.max_grad_norm:
+                        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
+                        self._finite("gradient norm", torch.as_tensor(norm))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                    for key in stats:
+                        stats[key].append(getattr(ls, key))
+                if self.s.early_stopping:
+                    # Every rank must take the same number of steps: decide on the mean over ranks.
+                    approx = self.accelerator.reduce(torch.tensor(stats["approx_kl"][-1], device=mask.device), "mean")
+                    if approx.item() > 1.5 * self.s.target_kl:
+                        stop_early = True
+                        break
         seq_kl = (kl.sum(1)).mean()
         seq_kl = self.accelerator.reduce(seq_kl, "mean").item()
         self.kl.update(seq_kl, n * self.accelerator.num_processes)
