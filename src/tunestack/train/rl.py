@@ -80,6 +80,11 @@ class RLStage(Stage):
 
         return RLOOTrainer
 
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        from tunestack.train.fast.packed_rl import packed_rl_mixins
+
+        return packed_rl_mixins(ctx.args.train, ctx.args.data.algo)
+
     def trainer_args(self, ctx: StageContext) -> Any:
         d = ctx.args.data
         if d.algo == "grpo":
