@@ -58,6 +58,8 @@ def ppo_settings(args: Any, n_prompts: int) -> PPOSettings:
         logging_steps=max(1, int(t.logging_steps)),
         sample_every=d.sample_every,
         seed=t.seed,
+        packed=t.padding_free and t.sparse_lm_head,
+        varlen_attention=t.varlen_attention,
     )
 
 
