@@ -157,3 +157,29 @@ def test_a_packed_ppo_step_equals_the_padded_step(tiny_model, monkeypatch):
     # Per step, padded: 2 old-policy minibatches + 4 updates; packed: the kept minibatch, one pass for the rest,
     # 3 more updates.
     assert (plain_calls, calls) == (2 * 6, 2 * 5)
+
+
+def test_reward_model_scores_on_packed_rows_equal_the_padded_scores(tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from tunestack.model.reward import load_reward_model, score_texts
+    from tunestack.rl.rewards import RewardModelFunction
+    from tunestack.train.fast import packed_scores
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = ["<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nHi<|im_end|>\n"]
+    completions = ["I am an assistant that answers medical questions.<|im_end|>", "Hello"]
+    plain, plain_tok, _ = load_reward_model(tmp_path / "rm")
+    expected = score_texts(plain, plain_tok, [p + c for p, c in zip(prompts, completions, strict=True)])
+    calls = []
+    packed = packed_scores.packed_scores
+    monkeypatch.setattr(packed_scores, "packed_scores", lambda *a: calls.append(1) or packed(*a))
+    got = RewardModelFunction(str(tmp_path / "rm"))(prompts=prompts, completions=completions)
+    assert calls == [1]  # one packed row for the batch
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert len(set(got)) == 2
