@@ -4,8 +4,10 @@ RL step. `with clock("tokenize"): ...` adds the block's wall time to that phase;
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class PhaseClock:
@@ -36,3 +38,28 @@ class PhaseClock:
         out = {name: round(value, 3) for name, value in self.seconds.items()}
         self.seconds.clear()
         return out
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (the interpreter's start, its imports ...), or None off Linux."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def describe(phases: dict[str, float]) -> str:
+    """'start 3.1 s, options 0.0 s, ...' in the order the phases ran."""
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+
+
+_COMMAND = PhaseClock()
+
+
+def command_clock() -> PhaseClock:
+    """The phases of this command: `tunestack` adds the interpreter's start and the command's imports, the stage
+    scaffold what follows; run.json keeps them, `--log_level info` prints them."""
+    return _COMMAND
