@@ -121,7 +121,6 @@ def merged_lora_weights(model: Any) -> Iterator[int]:
     which is what decoding one token at a time on a CPU waits on. W is not touched (the merged weights are new
     tensors, dropped when the block ends), so nothing drifts from step to step. Yields how many layers it merged."""
     import torch
-    import torch.nn.functional as F
     from peft.tuners.lora import Linear as LoraLinear
 
     patched = []
@@ -135,11 +134,19 @@ def merged_lora_weights(model: Any) -> Iterator[int]:
                 continue
             base = module.get_base_layer()
             weight = base.weight + sum(module.get_delta_weight(a).to(base.weight.dtype) for a in names)
-            module.forward = functools.partial(F.linear, weight=weight, bias=base.bias)
+            module.forward = functools.partial(_merged_forward, module, base, weight)
             patched.append(module)
     try:
         yield len(patched)
     finally:
         for module in patched:
             del module.forward
+
+
+def _merged_forward(layer: Any, base: Any, weight: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    if layer.disable_adapters:  # the adapter switched off inside the block: the base layer alone
+        return base(x, *args, **kwargs)
+    import torch.nn.functional as F
+
+    return F.linear(x, weight, base.bias)
 
