@@ -69,6 +69,9 @@ def run_child(script: Path, kind: str, spec: dict[str, Any], work: Path) -> dict
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    # Every system gets torch's own thread count (one per core), whatever thread limits the calling shell sets.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
     log = work / "log.txt"
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
@@ -221,37 +224,10 @@ def probe_result(probe: dict[str, Any]) -> dict[str, Any]:
 
 
 def matmul_gflops(dtype_name: str = "float32", seconds: float = 1.0) -> dict[str, float]:
-    """Best measured torch.mm rate (GFLOP/s, 2*m*n*k per product) over a few shapes, on the training device.
+    """Best measured torch.mm rate (GFLOP/s) over a few shapes, on the training device (tunestack.timing)."""
+    from tunestack.timing import matmul_gflops as measure
 
-    Shapes: square 1024/2048 and the model's own kind of product (2048 tokens x 576 -> 1536).
-    """
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, dtype_name)
-    if device == "cuda":
-        shapes = [(4096, 4096, 4096), (8192, 8192, 8192), (8192, 576, 1536)]
-    else:
-        shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (2048, 576, 1536)]
-    rates = {}
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        torch.mm(a, b)  # warm up (thread pool, kernels)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        reps, start = 0, time.perf_counter()
-        while True:
-            torch.mm(a, b)
-            reps += 1
-            if device == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds / len(shapes) and reps >= 3:
-                break
-        rates[f"{m}x{k}x{n}"] = 2 * m * k * n * reps / elapsed / 1e9
-    rates["best"] = max(rates.values())
-    return rates
+    return measure(dtype_name, seconds)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,6 +112,12 @@ def test_recipe_runs_every_stage_and_writes_a_report(finished: Path) -> None:
     assert (out / "report.md").is_file()
     assert "report: out/report.html" in log and "pipeline complete" in log
     assert "serve the last model: tunestack serve --model out/merged" in log
+    # the machine's matmul rate, measured before the first stage, and each stage's time, in the summary
+    rate = json.loads((out / "pipeline.json").read_text())["matmul_gflops"]
+    assert rate > 0 and f"this machine: float32 matmul {rate:.0f} GFLOP/s" in log
+    times = next(line for line in log.splitlines() if line.startswith("time by stage: "))
+    assert [part.split()[0] for part in times.split(": ", 1)[1].split(" (")[0].split(", ")] == ["pt", "sft", "merged", "eval"]
+    assert times.endswith(f"(float32 matmul {rate:.0f} GFLOP/s)")
 
 
 def test_second_run_skips_every_stage(finished: Path, cli, monkeypatch) -> None:

@@ -274,3 +274,27 @@ def test_run_json_records_every_option_and_no_secret_is_written(cli, tiny_model,
     assert any(p.name.startswith("events.out.tfevents") for p in written) and any("checkpoint-" in str(p) for p in written)
     leaks = [str(p) for p in written for s in secrets if s.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_the_time_of_each_phase_is_in_run_json_and_printed_at_log_level_info(tiny_model, chat_dir, tmp_path):
+    """What a run does before its first step and after its last, timed: from the interpreter's start (the real
+    command, in its own process) through saving; `--log_level info` prints the same figures."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    argv = ["sft", "--model_name_or_path", tiny_model, "--train_file_dir", chat_dir, "--output_dir", out,
+            "--max_steps", 2, "--per_device_train_batch_size", 4, "--report_to", "none", "--log_level", "info"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunestack", *map(str, argv)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = json.loads((out / "run.json").read_text())["summary"]["phases"]
+    expected = ["start", "imports", "options", "model resolution", "data", "model", "trainer", "training", "saving"]
+    assert [p for p in phases if p in expected] == expected
+    assert all(isinstance(v, float) and v >= 0 for v in phases.values())
+    assert phases["start"] > 0 and phases["training"] > 0
+    line = next(line for line in proc.stderr.splitlines() if "time by phase:" in line)
+    assert f"start {phases['start']:.1f} s" in line and f"saving {phases['saving']:.1f} s" in line

@@ -72,6 +72,31 @@ def test_library_internals_tunestack_calls_still_exist() -> None:
     assert _params(disable_dropout_in_model) == ["model"]
 
 
+def test_grpo_and_rloo_internals_the_fast_paths_rely_on() -> None:
+    """train/fast/packed_rl.py overrides `_get_per_token_logps_and_entropies` (its named parameters, the rest
+    multimodal inputs that default to None), RLOO's `_generate_and_score_completions` and `_compute_loss`; it relies
+    on every scoring pass calling the model with `fused_lm_head=True`, and on RLOO scoring the old policy first after
+    generation, then the reference."""
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from tunestack.train.fast.packed_rl import OnePolicyPassMixin
+
+    named = ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]
+    for trainer in (GRPOTrainer, RLOOTrainer):
+        params = inspect.signature(trainer._get_per_token_logps_and_entropies).parameters
+        assert list(params)[: len(named) + 1] == [*named, "compute_aux_loss"], trainer.__name__
+        assert all(p.default is None for p in list(params.values())[len(named) + 1 :]), trainer.__name__
+        assert "fused_lm_head=True" in inspect.getsource(trainer._get_per_token_logps_and_entropies)
+        assert _params(trainer._generate_and_score_completions) == ["self", "inputs"]
+        assert _params(trainer._compute_loss) == ["self", "model", "inputs"]
+    ours = inspect.signature(OnePolicyPassMixin._get_per_token_logps_and_entropies).parameters
+    assert list(ours)[: len(named) + 1] == [*named, "compute_aux_loss"]
+    source = inspect.getsource(RLOOTrainer._generate_and_score_completions)
+    old = source.index("old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    assert old < source.index("ref_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    assert source.count("self._get_per_token_logps_and_entropies(") == 3  # old, and the reference two ways
+
+
 def _train_and_checkpoint(trainer_class: type, model_dir: Path, out: Path) -> Path:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainingArguments

@@ -7,9 +7,11 @@ to a reward model's classifier as a plain PEFT model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -110,3 +112,41 @@ def stack_adapters(model: Any, adapters: Sequence[Path], keep_last: bool = False
     for adapter in adapters:
         model = merge_adapter(model, adapter)
     return attach_adapter(model, live) if live is not None else model
+
+
+@contextlib.contextmanager
+def merged_lora_weights(model: Any) -> Iterator[int]:
+    """For the block, every plain LoRA layer of `model` (no variant such as DoRA, not merged, its adapters on, no
+    dropout at work) computes linear(x, W + B·A·scale): one product instead of PEFT's five operations per layer,
+    which is what decoding one token at a time on a CPU waits on. W is not touched (the merged weights are new
+    tensors, dropped when the block ends), so nothing drifts from step to step. Yields how many layers it merged."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    patched = []
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is not LoraLinear or module.merged or module.disable_adapters or module.lora_variant:
+                continue
+            names = [a for a in module.active_adapters if a in module.lora_A]
+            dropping = module.training and any(getattr(module.lora_dropout[a], "p", 0) > 0 for a in names)
+            if not names or dropping:
+                continue
+            base = module.get_base_layer()
+            weight = base.weight + sum(module.get_delta_weight(a).to(base.weight.dtype) for a in names)
+            module.forward = functools.partial(_merged_forward, module, base, weight)
+            patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _merged_forward(layer: Any, base: Any, weight: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    if layer.disable_adapters:  # the adapter switched off inside the block: the base layer alone
+        return base(x, *args, **kwargs)
+    import torch.nn.functional as F
+
+    return F.linear(x, weight, base.bias)
+

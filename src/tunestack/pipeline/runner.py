@@ -95,11 +95,14 @@ def _finish_stage(step: Step, state: str, seconds: float, code: int) -> None:
     write_json_atomic(path, record)
 
 
-def _write_root_state(recipe: Recipe, steps: list[Step], rows: dict[str, dict[str, Any]], status: str) -> None:
+def _write_root_state(
+    recipe: Recipe, steps: list[Step], rows: dict[str, dict[str, Any]], status: str, gflops: float | None = None
+) -> None:
     state = {
         "recipe": str(recipe.path),
         "status": status,
         "finished": _now(),
+        "matmul_gflops": gflops,
         "stages": [
             {
                 "name": s.spec.name,
@@ -123,6 +126,7 @@ def run_steps(recipe: Recipe, steps: list[Step], report: bool = True) -> int:
     _say(describe_plan(recipe, steps))
     if recipe.node_rank > 0:
         return _join_steps(recipe, steps)
+    gflops = _machine_rate() if any(s.action in (RUN, RESUME) for s in steps) else None
     rows: dict[str, dict[str, Any]] = {}
     code, status = 0, "complete"
     for i, step in enumerate(steps, start=1):
@@ -165,11 +169,12 @@ def run_steps(recipe: Recipe, steps: list[Step], report: bool = True) -> int:
             + ("this stage resumes from its last checkpoint." if resumable else "this stage starts over.")
         )
         break
-    _write_root_state(recipe, steps, rows, status)
+    _write_root_state(recipe, steps, rows, status, gflops)
     if report:
         _write_report(recipe)
     if status == "complete":
         _say(f"pipeline complete in {time.time() - started:.0f}s; outputs under {recipe.output_root}")
+        _say(stage_times(rows, gflops))
         _say(before_after(steps))
         policies = [s for s in steps if s.spec.makes_policy]
         if policies:
@@ -191,6 +196,24 @@ def _join_steps(recipe: Recipe, steps: list[Step]) -> int:
             return code
     _say(f"node {recipe.node_rank}: every multi-node stage of {recipe.path} ran")
     return 0
+
+
+def _machine_rate() -> float:
+    """This machine's float32 matmul rate now (GFLOP/s): what the stage times below are relative to."""
+    from tunestack.timing import matmul_gflops
+
+    gflops = matmul_gflops("float32", 1.0)["best"]
+    _say(f"this machine: float32 matmul {gflops:.0f} GFLOP/s (measured now; stage times scale with it)")
+    return gflops
+
+
+def stage_times(rows: dict[str, dict[str, Any]], gflops: float | None) -> str:
+    """'time by stage: pt 120 s, sft 95 s ... (float32 matmul 101 GFLOP/s)' for the stages that ran."""
+    ran = [f"{name} {row['seconds']:.0f} s" for name, row in rows.items() if "seconds" in row]
+    if not ran:
+        return ""
+    rate = f" (float32 matmul {gflops:.0f} GFLOP/s)" if gflops else ""
+    return f"time by stage: {', '.join(ran)}{rate}"
 
 
 def _write_report(recipe: Recipe) -> None:

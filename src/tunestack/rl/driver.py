@@ -62,6 +62,8 @@ def ppo_settings(args: Any, n_prompts: int) -> PPOSettings:
         logging_steps=max(1, int(t.logging_steps)),
         sample_every=d.sample_every,
         seed=t.seed,
+        packed=t.padding_free and t.sparse_lm_head,
+        varlen_attention=t.varlen_attention,
     )
 
 
@@ -108,13 +110,14 @@ class PPORun:
         self.acc = self.loop.accelerator
 
     def run(self, resume_from: Path | None, stop: GracefulStop) -> dict[str, Any]:
-        loop, settings, acc, data = self.loop, self.settings, self.acc, self.data
+        loop, settings, acc, data, clock = self.loop, self.settings, self.acc, self.data, self.ctx.clock
         if resume_from is not None:
             loop.load_state(resume_from)
             logger.info("resuming from %s at step %d", resume_from, loop.step)
         metrics: dict[str, Any] = {}
         if data.eval and resume_from is None:
-            before = loop.evaluate(data.eval)
+            with clock("evaluation"):
+                before = loop.evaluate(data.eval)
             metrics.update({f"before_eval_{k}": v for k, v in before.items()})
             self._log(0, {f"eval_{k}": v for k, v in before.items()})
         writer = self._tensorboard()
@@ -127,7 +130,8 @@ class PPORun:
             order = list(range(len(shard)))
             random.Random(settings.seed + epoch).shuffle(order)
             batch = [shard[order[(offset + i) % len(order)]] for i in range(settings.batch_size)]
-            logs = loop.train_step(batch)
+            with clock("training"):
+                logs = loop.train_step(batch)
             bar.update(1)
             if loop.step % settings.logging_steps == 0 or loop.step == 1:
                 self._log(loop.step, logs, writer)
@@ -135,7 +139,8 @@ class PPORun:
             if settings.sample_every and loop.step % settings.sample_every == 0:
                 self._write_samples()
             if settings.save_steps and loop.step % settings.save_steps == 0:
-                self._checkpoint()
+                with clock("checkpoints"):
+                    self._checkpoint()
             if stop.should_stop():
                 stop.stopped_training = True
                 self._checkpoint()
@@ -143,21 +148,24 @@ class PPORun:
                 return {"global_step": loop.step, "metrics": metrics, "interrupted": True}
         bar.close()
         metrics["train_steps"] = loop.step
-        self._save_final()
+        with clock("saving"):
+            self._save_final()
         stop.immediate = True  # the policy is saved: a signal now stops the evaluation that follows
         try:
             if stop.requested:
                 raise StopRequested(stop.signal_name)
             if data.eval:
-                after = loop.evaluate(data.eval)
+                with clock("evaluation"):
+                    after = loop.evaluate(data.eval)
                 metrics.update({f"eval_{k}": v for k, v in after.items()})
                 self._log(loop.step, {f"eval_{k}": v for k, v in after.items()}, writer)
         except StopRequested:
             logger.warning("the final evaluation was stopped by %s; the trained policy is saved", stop.signal_name)
             metrics["evaluation_stopped"] = stop.signal_name
         if acc.is_main_process:
-            plot_curves(self.out_dir, "loss.png", ("policy_loss", "value_loss"), "rl losses")
-            plot_curves(self.out_dir, "reward.png", ("reward_mean", "eval_reward"), "reward")
+            with clock("plots"):
+                plot_curves(self.out_dir, "loss.png", ("policy_loss", "value_loss"), "rl losses")
+                plot_curves(self.out_dir, "reward.png", ("reward_mean", "eval_reward"), "reward")
         if writer is not None:
             writer.close()
         return {"global_step": loop.step, "metrics": metrics, "settings": asdict(settings), "interrupted": False}

@@ -2,6 +2,13 @@
 
 The loop is ours (TRL 1.x has no PPOTrainer); it runs through accelerate so `torchrun` data
 parallelism works: every rank rolls out its own prompts and gradients are averaged by DDP.
+
+A step: sample answers (rl/rollout.py), score them with the reward, score their tokens under the policy (log-probs
+and values: the "old" policy of the ratio) and under the reference (the policy with its adapter switched off, or a
+frozen copy), then `ppo_epochs` passes of clipped updates over minibatches. Scoring runs on packed rows with the
+output layer only at response tokens (rl/scoring.py), the reference over the whole batch at once; and when no dropout
+is active the first minibatch's old-policy pass keeps its graph and is that minibatch's first update, since before
+any update the policy is the old policy (the ratio is exactly 1 there, as two passes would give it).
 """
 
 from __future__ import annotations
@@ -15,24 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunestack.model.anatomy import takes_argument, untokenizable_ids
-from tunestack.rl.engine import load_loop_state, ppo_optimizer, save_loop_state, uses_deepspeed, zero3
+from tunestack.rl.engine import ppo_optimizer, uses_deepspeed, zero3
 from tunestack.rl.policy import PolicyWithValue
-from tunestack.rl.ppo_core import (
-    KLController,
-    entropy_from_logits,
-    gae,
-    kl_penalized_rewards,
-    masked_mean,
-    masked_whiten,
-    ppo_losses,
-    response_mask,
-    token_logprobs,
-)
+from tunestack.rl.ppo_core import KLController, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_losses
+from tunestack.rl.rollout import Roller, Rollout
+from tunestack.rl.scoring import Scorer, Scores, token_chunks
+from tunestack.rl.state import load_loop_state, save_loop_state
+from tunestack.timing import PhaseClock
 from tunestack.train.distributed import full_values
+from tunestack.train.fast.efficient import supports_trained_positions
 
 logger = logging.getLogger("tunestack")
-
 
 
 @dataclass
@@ -63,24 +63,23 @@ class PPOSettings:
     logging_steps: int = 1
     sample_every: int = 5
     seed: int = 42
+    packed: bool = True  # packed rows and the output layer at response tokens only (rl/scoring.py)
+    varlen_attention: bool = True  # per-sample attention on those rows
 
 
 @dataclass
-class Rollout:
-    input_ids: torch.Tensor  # prompt (left-padded) + response
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    prompt_len: int
-    mask: torch.Tensor  # response tokens that count
-    stopped: torch.Tensor
-    scores: torch.Tensor
-    raw_scores: torch.Tensor
-    prompts: list[str]
-    completions: list[str]
+class OldScores:
+    """The batch under the policy before this step's updates, and under the reference."""
+
+    logp: torch.Tensor
+    values: torch.Tensor
+    ref_logp: torch.Tensor
+    entropy: torch.Tensor
+    first: Scores | None  # the first minibatch's pass, with its graph, when it is reused as its first update
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+def _dropout_active(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 class PPOLoop:
@@ -103,14 +102,9 @@ class PPOLoop:
         self.accelerator = accelerator if accelerator is not None else Accelerator()
         self.s = settings
         self.tokenizer = tokenizer
-        self.encode_prompt = encode_prompt
-        self.reward_fn = reward_fn
-        self.stop_ids = stop_ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         self.output_dir = output_dir
         self.ref_model = ref_model
-        hidden = model.config.hidden_size
-        wrapped = PolicyWithValue(model, hidden)
+        wrapped = PolicyWithValue(model, model.config.hidden_size)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = ppo_optimizer(self.accelerator, params, settings.learning_rate)
         self.model, self.optimizer = self.accelerator.prepare(wrapped, optimizer)
@@ -122,108 +116,61 @@ class PPOLoop:
         )
         self.step = 0
         self.last_rollout: Rollout | None = None
+        self.clock = PhaseClock(torch.cuda.synchronize if torch.cuda.is_available() else None)
+        # ZeRO-3 gathers each layer's weights from every process: all must run as many forward passes.
+        synced = self.zero3 and self.accelerator.num_processes > 1
+        self.roller = Roller(tokenizer, encode_prompt, reward_fn, stop_ids, settings, self.clock, synced)
+        # ZeRO-3 partitions the output layer's weight outside the model's forward: packed scoring runs it there.
+        packed = settings.packed and supports_trained_positions(model) and not self.zero3
+        self.scorer = Scorer(packed, settings.varlen_attention)
 
     @property
     def unwrapped(self) -> PolicyWithValue:
         return self.accelerator.unwrap_model(self.model)
 
-    # ---------------------------------------------------------------------------------- rollout
-
-    @torch.no_grad()
     def rollout(self, prompts: list[Any], greedy: bool = False) -> Rollout:
-        device = self.accelerator.device
-        encoded = [self.encode_prompt(p) for p in prompts]
-        width = max(len(e) for e in encoded)
-        prompt_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros_like(prompt_ids)
-        for i, ids in enumerate(encoded):
-            prompt_ids[i, width - len(ids) :] = torch.tensor(ids)
-            prompt_mask[i, width - len(ids) :] = 1
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        policy = self.unwrapped.policy
-        policy.eval()
-        from transformers import GenerationConfig
+        return self.roller(self.unwrapped.policy, prompts, self.accelerator.device, greedy)
 
-        # A complete config, so no top-k/top-p from the model's defaults biases the samples (and the KL).
-        config = GenerationConfig(
-            max_new_tokens=self.s.max_new_tokens,
-            do_sample=not greedy,
-            temperature=self.s.temperature if not greedy else None,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-            use_cache=policy.generation_config.use_cache is not False,  # False for code predating the cache
-            suppress_tokens=untokenizable_ids(policy, self.tokenizer) or None,
-        )
-        # ZeRO-3 gathers each layer's weights from every process: all must run as many forward passes.
-        synced = self.zero3 and self.accelerator.num_processes > 1
-        generated = policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced
-        )
-        responses = generated[:, width:]
-        if responses.shape[1] == 0:
-            responses = torch.full((len(prompts), 1), self.stop_ids[0], device=device)
-        mask, stopped = response_mask(responses, self.stop_ids, self.pad_id)
-        attention = torch.cat([prompt_mask, mask.long()], dim=1)
-        input_ids = torch.cat([prompt_ids, responses], dim=1)
-        prompt_texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in encoded]
-        completions, with_stop = [], []
-        for row, m in zip(responses, mask, strict=True):
-            kept = row[m.bool()]
-            completions.append(self.tokenizer.decode(kept, skip_special_tokens=True))
-            with_stop.append(self.tokenizer.decode(kept, skip_special_tokens=False))
-        raw = torch.tensor(
-            self.reward_fn(
-                prompts=prompt_texts,
-                completions=completions,
-                completions_with_stop=with_stop,
-                answer=[getattr(p, "answer", None) for p in prompts],
-            ),
-            dtype=torch.float32,
-            device=device,
-        )
-        scores = raw - self.s.reward_baseline
-        if self.s.missing_eos_penalty is not None:
-            scores = scores - self.s.missing_eos_penalty * (~stopped).float()
-        if self.s.reward_clip:
-            scores = scores.clamp(-self.s.reward_clip, self.s.reward_clip)
-        return Rollout(
-            input_ids, attention, _positions(attention), width, mask, stopped, scores, raw, prompt_texts, completions
-        )
+    # ---------------------------------------------------------------------------------- scoring
 
-    def _forward(self, model: Any, r: Rollout, idx: torch.Tensor, with_values: bool):
-        ids, att, pos = r.input_ids[idx], r.attention_mask[idx], r.position_ids[idx]
-        if with_values:
-            logits, values = model(ids, att, pos)
-        else:
-            positions = {"position_ids": pos} if takes_argument(model, "position_ids") else {}
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False, **positions).logits
-            values = None
-        start = r.prompt_len - 1
-        logits = logits[:, start:-1]
-        targets = ids[:, r.prompt_len :]
-        logp = token_logprobs(logits, targets)
-        if values is not None:
-            values = values[:, start:-1]
-        return logp, values, logits
-
-    @torch.no_grad()
-    def _score_old(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.model.eval()
-        logps, values, refs, ents = [], [], [], []
-        for chunk in torch.arange(r.input_ids.shape[0], device=r.input_ids.device).split(self.s.mini_batch_size):
-            logp, value, logits = self._forward(self.model, r, chunk, with_values=True)
-            logps.append(logp)
-            values.append(value)
-            ents.append(entropy_from_logits(logits))
-            refs.append(self._ref_logprobs(r, chunk))
-        return torch.cat(logps), torch.cat(values), torch.cat(refs), torch.cat(ents)
-
-    def _ref_logprobs(self, r: Rollout, idx: torch.Tensor) -> torch.Tensor:
+    def _reference(self, r: Rollout, idx: torch.Tensor) -> torch.Tensor:
         if self.ref_model is not None:
-            return self._forward(self.ref_model, r, idx, with_values=False)[0]
+            return self.scorer.logprobs(self.ref_model, r, idx)
         policy = self.unwrapped.policy
         with policy.disable_adapter():  # LoRA: the reference is the base without the adapter
-            return self._forward(policy, r, idx, with_values=False)[0]
+            return self.scorer.logprobs(policy, r, idx)
+
+    def _score_old(self, r: Rollout, first: torch.Tensor | None) -> OldScores:
+        """The old policy's log-probs, values and entropies, and the reference's log-probs, of every row. Packed:
+        the rows of `first` (if given) with gradients, kept for their update, the others and the reference in
+        passes of up to TOKENS_PER_PASS tokens. Padded: minibatch by minibatch, as the loop was first written."""
+        n, device = r.input_ids.shape[0], r.input_ids.device
+        if not self.scorer.packed:
+            self.model.eval()
+            parts, refs = [], []
+            for chunk in torch.arange(n, device=device).split(self.s.mini_batch_size):
+                with torch.no_grad(), self.clock("old_logprobs_values"):
+                    parts.append((chunk, self.scorer.policy(self.model, r, chunk, entropy=True)))
+                with torch.no_grad(), self.clock("ref_logprobs"):
+                    refs.append(self._reference(r, chunk))
+            return _gathered(parts, torch.cat(refs), None)
+        kept = None
+        rest = torch.arange(n, device=device)
+        if first is not None:
+            self.model.train()  # no dropout is active: the same network as the updates
+            with self.clock("old_logprobs_values"):
+                kept = self.scorer.policy(self.model, r, first)
+            rest = rest[~torch.isin(rest, first)]
+        else:
+            self.model.eval()
+        parts = [(first, kept)] if kept is not None else []
+        with torch.no_grad():
+            with self.clock("old_logprobs_values"):
+                parts += [(chunk, self.scorer.policy(self.model, r, chunk)) for chunk in token_chunks(r, rest)]
+            with self.clock("ref_logprobs"):
+                everything = torch.arange(n, device=device)
+                ref = torch.cat([self._reference(r, chunk) for chunk in token_chunks(r, everything)])
+        return _gathered(parts, ref, kept)
 
     # ---------------------------------------------------------------------------------- update
 
@@ -241,29 +188,71 @@ class PPOLoop:
             )
 
     def train_step(self, prompts: list[Any]) -> dict[str, float]:
+        self.clock.take()
+        with self.clock("step"):
+            out = self._train_step(prompts)
+        out.update({f"time/{k}": v for k, v in self.clock.take().items()})
+        return out
+
+    def _train_step(self, prompts: list[Any]) -> dict[str, float]:
         r = self.rollout(prompts)
         self._finite("reward", r.scores)
-        old_logp, old_values, ref_logp, entropy = self._score_old(r)
-        mask = r.mask
-        rewards, kl = kl_penalized_rewards(r.scores, old_logp, ref_logp, mask, self.kl.value)
+        n, mask = r.input_ids.shape[0], r.mask
+        order = torch.randperm(n, device=mask.device).split(self.s.mini_batch_size)  # the first epoch's minibatches
+        reuse = self.scorer.packed and not _dropout_active(self.model)
+        old = self._score_old(r, order[0] if reuse else None)
+        rewards, kl = kl_penalized_rewards(r.scores, old.logp, old.ref_logp, mask, self.kl.value)
         if self.s.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, old_values, mask, self.s.gamma, self.s.lam)
+        advantages, returns = gae(rewards, old.values, mask, self.s.gamma, self.s.lam)
         advantages = masked_whiten(advantages, mask)
         self._finite("advantage", advantages)
+        with self.clock("update"):
+            stats, stop_early = self._update(r, old, advantages, returns, order)
+        seq_kl = (kl.sum(1)).mean()
+        seq_kl = self.accelerator.reduce(seq_kl, "mean").item()
+        self.kl.update(seq_kl, n * self.accelerator.num_processes)
+        self.step += 1
+        gathered = self.accelerator.gather_for_metrics(
+            torch.stack([r.raw_scores, mask.sum(1), r.stopped.float()], dim=1)
+        )
+        out = {
+            "reward_mean": gathered[:, 0].mean().item(),
+            "reward_std": gathered[:, 0].std().item() if gathered.shape[0] > 1 else 0.0,
+            "kl": seq_kl,
+            "kl_coef": self.kl.value,
+            "entropy": masked_mean(old.entropy, mask).item(),
+            "response_length": gathered[:, 1].mean().item(),
+            "stopped_fraction": gathered[:, 2].mean().item(),
+            "ppo_early_stopped": float(stop_early),
+        }
+        out.update({k: sum(v) / max(len(v), 1) for k, v in stats.items()})
+        self.last_rollout = r
+        return out
+
+    def _update(
+        self,
+        r: Rollout,
+        old: OldScores,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        order: tuple[torch.Tensor, ...],
+    ) -> tuple[dict[str, list[float]], bool]:
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "approx_kl")}
-        n = r.input_ids.shape[0]
+        mask, n = r.mask, r.input_ids.shape[0]
         self.model.train()
-        stop_early = False
-        for _ in range(self.s.ppo_epochs):
-            for idx in torch.randperm(n, device=mask.device).split(self.s.mini_batch_size):
-                logp, values, _ = self._forward(self.model, r, idx, with_values=True)
+        for epoch in range(self.s.ppo_epochs):
+            if epoch > 0:
+                order = torch.randperm(n, device=mask.device).split(self.s.mini_batch_size)
+            for k, idx in enumerate(order):
+                reused = epoch == 0 and k == 0 and old.first is not None
+                scores = old.first if reused else self.scorer.policy(self.model, r, idx)
                 pg, vf, ls = ppo_losses(
-                    logp,
-                    old_logp[idx],
+                    scores.logp,
+                    old.logp[idx],
                     advantages[idx],
-                    values,
-                    old_values[idx],
+                    scores.values,
+                    old.values[idx],
                     returns[idx],
                     mask[idx],
                     self.s.clip_range,
@@ -283,28 +272,8 @@ class PPOLoop:
                 # Every rank must take the same number of steps: decide on the mean over ranks.
                 approx = self.accelerator.reduce(torch.tensor(stats["approx_kl"][-1], device=mask.device), "mean")
                 if approx.item() > 1.5 * self.s.target_kl:
-                    stop_early = True
-                    break
-        seq_kl = (kl.sum(1)).mean()
-        seq_kl = self.accelerator.reduce(seq_kl, "mean").item()
-        self.kl.update(seq_kl, n * self.accelerator.num_processes)
-        self.step += 1
-        gathered = self.accelerator.gather_for_metrics(
-            torch.stack([r.raw_scores, mask.sum(1), r.stopped.float()], dim=1)
-        )
-        out = {
-            "reward_mean": gathered[:, 0].mean().item(),
-            "reward_std": gathered[:, 0].std().item() if gathered.shape[0] > 1 else 0.0,
-            "kl": seq_kl,
-            "kl_coef": self.kl.value,
-            "entropy": masked_mean(entropy, mask).item(),
-            "response_length": gathered[:, 1].mean().item(),
-            "stopped_fraction": gathered[:, 2].mean().item(),
-            "ppo_early_stopped": float(stop_early),
-        }
-        out.update({k: sum(v) / max(len(v), 1) for k, v in stats.items()})
-        self.last_rollout = r
-        return out
+                    return stats, True
+        return stats, False
 
     # ---------------------------------------------------------------------------------- eval
 
@@ -324,8 +293,8 @@ class PPOLoop:
         for i in range(0, len(prompts), self.s.batch_size):
             r = self.rollout(prompts[i : i + self.s.batch_size])
             idx = torch.arange(r.input_ids.shape[0], device=r.input_ids.device)
-            logp = self._forward(self.unwrapped.policy, r, idx, with_values=False)[0]
-            ref = self._ref_logprobs(r, idx)
+            logp = self.scorer.logprobs(self.unwrapped.policy, r, idx)
+            ref = self._reference(r, idx)
             kls.append(((logp - ref) * r.mask).sum(1))
             rewards.append(r.raw_scores)
             lengths.append(r.mask.sum(1))
@@ -345,3 +314,14 @@ class PPOLoop:
 
     def load_state(self, folder: Path) -> None:
         load_loop_state(self, folder)
+
+
+def _gathered(parts: list[tuple[torch.Tensor, Scores]], ref: torch.Tensor, first: Scores | None) -> OldScores:
+    """Row-chunk scores put back in row order, without gradients."""
+    rows = torch.cat([idx for idx, _ in parts])
+    where = torch.empty_like(rows)
+    where[rows] = torch.arange(len(rows), device=rows.device)
+    logp = torch.cat([s.logp.detach() for _, s in parts])[where]
+    values = torch.cat([s.values.detach() for _, s in parts])[where]
+    entropy = torch.cat([s.entropy for _, s in parts])[where]
+    return OldScores(logp, values, ref, entropy, first)

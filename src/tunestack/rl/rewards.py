@@ -49,23 +49,29 @@ def import_reward_function(spec: str) -> RewardFn:
 
 
 class RewardModelFunction:
-    """A trained tunestack reward model as a reward function over (prompt text, completion text)."""
+    """A trained tunestack reward model as a reward function over (prompt text, completion text). A
+    sequence-classification model scores each batch as one padding-free packed row with per-sample attention
+    (train/fast/packed_scores.py: the padded scores exactly)."""
 
     def __init__(self, reference: str, batch_size: int = 8, device: Any = None, trust_remote_code: bool = False):
         from tunestack.model.reward import load_reward_model
+        from tunestack.train.fast.packed_scores import use_packed_scores
 
         self.model, self.tokenizer, _ = load_reward_model(reference, trust_remote_code=trust_remote_code)
         if device is not None:
             self.model.to(device)
         self.model.eval()
+        use_packed_scores(self.model)
         self.batch_size = batch_size
         self.__name__ = f"reward_model:{Path(reference).name}"
 
     def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float]:
         from tunestack.model.reward import score_texts
+        from tunestack.train.fast.varlen import varlen_attention
 
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-        return score_texts(self.model, self.tokenizer, texts, batch_size=self.batch_size)
+        with varlen_attention(self.model):
+            return score_texts(self.model, self.tokenizer, texts, batch_size=self.batch_size)
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")

@@ -26,6 +26,7 @@ from tunestack.model.load import build_from_scratch, load_config, load_model, lo
 from tunestack.model.ref import ModelRef, resolve_model
 from tunestack.model.tuning import apply_tuning, describe_trainable
 from tunestack.rundir import OutputFolder, tunestack_home
+from tunestack.timing import PhaseClock, command_clock, describe
 from tunestack.train.callbacks import GracefulStop
 from tunestack.train.distributed import check_launch, data_first_on_main, start_deepspeed
 from tunestack.train.fast import fit_fast_paths
@@ -66,6 +67,7 @@ class StageContext:
     ref: ModelRef | None
     tokenizer: Any
     model_config: Any
+    clock: PhaseClock = field(default_factory=PhaseClock)  # seconds per phase of the run, for run.json
 
 
 class Stage:
@@ -200,21 +202,28 @@ class Stage:
         from accelerate import PartialState
 
         started = time.time()
-        check_launch()
-        args = self.parse(argv)
-        start_deepspeed(args.train)
-        state = PartialState()
-        output = OutputFolder(args.train.output_dir, self.name, is_main=state.is_main_process)
-        train = args.train
-        resume_from = main_decides(state, lambda: output.plan(train.resume_from_checkpoint, train.overwrite_output_dir))
+        clock = command_clock()
+        with clock("options"):
+            check_launch()
+            args = self.parse(argv)
+            start_deepspeed(args.train)
+            state = PartialState()
+            output = OutputFolder(args.train.output_dir, self.name, is_main=state.is_main_process)
+            train = args.train
+            resume_from = main_decides(
+                state, lambda: output.plan(train.resume_from_checkpoint, train.overwrite_output_dir)
+            )
         try:
-            ctx = self._context(args)
-            with data_first_on_main(state):
+            with clock("model resolution"):
+                ctx = self._context(args)
+            ctx.clock = clock
+            with clock("data"), data_first_on_main(state):
                 data = self.prepare_data(ctx)
             manifest = self._manifest(ctx, data)
             if resume_from is not None:
                 check_resume(resume_from, {"stage": self.name, **manifest})
-            model = self.build_model(ctx, data)
+            with clock("model"):
+                model = self.build_model(ctx, data)
         except BaseException:
             output.release()
             raise
@@ -246,6 +255,9 @@ class Stage:
             )
             return EXIT_INTERRUPTED
         result["seconds"] = round(time.time() - started, 1)
+        result["phases"] = clock.take()
+        if train.log_level in ("debug", "info"):
+            logger.info("time by phase: %s", describe(result["phases"]))
         output.finish("complete", metrics=result["metrics"], summary=result)
         lines = [f"{self.name} finished in {result['seconds']:.0f}s: {result['global_step']} steps"]
         lines += self.summary_lines(ctx, data, result)

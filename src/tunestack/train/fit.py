@@ -29,14 +29,14 @@ def train_with_trainer(
     checkpoint of the last step was saved) or came before it began (nothing trained)."""
     from transformers import EarlyStoppingCallback
 
-    args = ctx.args
+    args, clock = ctx.args, ctx.clock
     out_dir = Path(args.train.output_dir)
     callbacks: list[Any] = [MetricsFileCallback(out_dir), stop]
     if args.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.train.early_stopping_patience))
     if is_adalora(model):
         callbacks.append(AdaLoraBudget(model))
-    with tensorboard_dir(args.train.logging_dir or str(out_dir / "runs")):
+    with clock("trainer"), tensorboard_dir(args.train.logging_dir or str(out_dir / "runs")):
         trainer = with_tunestack(stage.trainer_class(ctx), stage.trainer_mixins(ctx, model))(
             model=model,
             args=stage.trainer_args(ctx),
@@ -50,11 +50,13 @@ def train_with_trainer(
     run_eval = args.train.do_eval and data.eval is not None
     try:
         if run_eval and resume_from is None:
-            metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
+            with clock("evaluation"):
+                metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
         if args.train.do_train:
             if resume_from is not None:
                 logger.info("resuming from %s", resume_from)
-            train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            with clock("training"):
+                train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             metrics.update(train_out.metrics)
     except StopRequested:
         # During an evaluation: a checkpoint of the last completed step (none before training began).
@@ -65,19 +67,23 @@ def train_with_trainer(
     if stop.stopped_training:
         return result  # the Trainer saved the checkpoint of this step
     if args.train.do_train:
-        _save_final(stage, ctx, trainer, out_dir)
+        with clock("saving"):
+            _save_final(stage, ctx, trainer, out_dir)
     stop.immediate = True  # the model is saved: a signal now stops the evaluations that follow
     try:
         if stop.requested:
             raise StopRequested(stop.signal_name)
         if run_eval:
-            metrics.update(_final_eval(trainer, args.train))
-        metrics.update(stage.after_training(ctx, trainer, data))
+            with clock("evaluation"):
+                metrics.update(_final_eval(trainer, args.train))
+        with clock("after training"):
+            metrics.update(stage.after_training(ctx, trainer, data))
     except StopRequested:
         logger.warning("the final evaluation was stopped by %s; the trained model is saved", stop.signal_name)
         metrics["evaluation_stopped"] = stop.signal_name
     if trainer.is_world_process_zero():
-        plot_curves(out_dir, "loss.png", ("loss", "eval_loss"), f"{stage.name} loss")
+        with clock("plots"):
+            plot_curves(out_dir, "loss.png", ("loss", "eval_loss"), f"{stage.name} loss")
     result["tokens_seen"] = trainer.state.num_input_tokens_seen
     return result
 

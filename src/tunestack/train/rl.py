@@ -94,6 +94,16 @@ class RLStage(Stage):
 
         return RLOOTrainer
 
+    def trainer_mixins(self, ctx: StageContext, model: Any) -> tuple[type, ...]:
+        from tunestack.train.fast import head_outside_forward, output_layer_trains
+        from tunestack.train.fast.packed_rl import packed_rl_mixins
+
+        train = ctx.args.train
+        head_outside = not (train.padding_free and train.sparse_lm_head) or head_outside_forward(
+            train, "--sparse_lm_head (packed GRPO / RLOO log-probs)", output_layer_trains(model)
+        )
+        return packed_rl_mixins(train, ctx.args.data.algo, head_outside)
+
     def trainer_args(self, ctx: StageContext) -> Any:
         d = ctx.args.data
         if d.algo == "grpo":

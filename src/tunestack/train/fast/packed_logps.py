@@ -37,9 +37,13 @@ MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache"}
 STATS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer reads from the output
 
 
-def _logprob_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[4, n] for STATS: log-prob of each target (differentiable), entropy, mean logit and whether the target is
-    the argmax (for TRL's logs); and the softmax."""
+def _logprob_stats(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[4, n] for STATS under logits / temperature (as TRL's fused head scales them): log-prob of each target
+    (differentiable), entropy, mean logit and whether the target is the argmax (for TRL's logs); and the softmax."""
+    if temperature != 1.0:
+        logits = logits * (1.0 / temperature)
     log_probs = logits.log_softmax(-1)
     picked = log_probs.gather(-1, targets[:, None]).squeeze(-1)
     with torch.no_grad():
@@ -49,29 +53,34 @@ def _logprob_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return torch.cat([picked[None], stats]), probs
 
 
-def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    return _logprob_stats(head(hidden).float(), targets)[0]
+def _head_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float = 1.0
+) -> torch.Tensor:
+    return _logprob_stats(head(hidden).float(), targets, temperature)[0]
 
 
 class TargetLogProbs(torch.autograd.Function):
     """`_head_logprobs` over chunks of a frozen output layer, with the hidden states' gradient taken while each
     chunk's logits exist: d log p(t) / d logits = one-hot(t) - softmax, so forward keeps (one-hot - softmax) @ W
-    per token and backward only scales it by the upstream gradient of that token's log-prob. Nothing is
+    per token (divided by the temperature the logits are divided by) and backward only scales it by the upstream
+    gradient of that token's log-prob. Nothing is
     recomputed, unlike a checkpointed chunk. (A trained output layer would need the upstream gradient to form
     its own; that case keeps the checkpointed path.)"""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature=1.0):  # noqa: ANN001, ANN205
         need_hidden = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         parts = []
         for start in range(0, hidden.shape[0], chunk_size):
             rows, target = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            values, probs = _logprob_stats(F.linear(rows, weight, bias).float(), target)
+            values, probs = _logprob_stats(F.linear(rows, weight, bias).float(), target, temperature)
             parts.append(values)
             if need_hidden:
                 grad_logits = probs.neg_()  # one-hot - softmax, in place of the probabilities
                 grad_logits[torch.arange(len(target), device=target.device), target] += 1.0
+                if temperature != 1.0:
+                    grad_logits.mul_(1.0 / temperature)
                 grad_hidden[start : start + chunk_size] = grad_logits.to(hidden.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return torch.cat(parts, dim=1) if parts else hidden.new_zeros(len(STATS), 0, dtype=torch.float32)
@@ -80,25 +89,36 @@ class TargetLogProbs(torch.autograd.Function):
     def backward(ctx, grad_values):  # noqa: ANN001, ANN205
         (grad_hidden,) = ctx.saved_tensors
         if grad_hidden is None:
-            return None, None, None, None, None
-        return grad_hidden * grad_values[0, :, None].to(grad_hidden.dtype), None, None, None, None
+            return None, None, None, None, None, None
+        return grad_hidden * grad_values[0, :, None].to(grad_hidden.dtype), None, None, None, None, None
 
 
 def chunked_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int = 1024
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """[4, n]: log-probs of `targets` (differentiable), entropy, mean logit, top-1 hit; head run in chunks."""
+    """[4, n]: log-probs of `targets` under logits / temperature (differentiable), entropy, mean logit, top-1
+    hit; head run in chunks."""
     frozen = not any(p.requires_grad for p in head.parameters())
     if frozen and plain_linear_head(head, hidden):
-        return TargetLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_size)
-    parts = head_chunks(_head_logprobs, hidden, targets, head, chunk_size)
+        return TargetLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_size, temperature)
+    fn = _head_logprobs if temperature == 1.0 else functools.partial(_head_logprobs, temperature=temperature)
+    parts = head_chunks(fn, hidden, targets, head, chunk_size)
     return torch.cat(parts, dim=1) if parts else hidden.new_zeros(len(STATS), 0, dtype=torch.float32)
 
 
 def packed_completion_logps(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """{stat: [rows, width - 1]} for STATS: entry (r, j) is about labels[r, j + 1]; 0 where that label is -100."""
+    """{stat: [rows, width - 1]} for STATS: entry (r, j) is about labels[r, j + 1]; 0 where that label is -100.
+    The statistics are those of logits / temperature."""
     rows, width = input_ids.shape
     keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     flat, positions = packed_positions(keep)
@@ -110,7 +130,7 @@ def packed_completion_logps(
     base = hf_model(model)
     hidden = base.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state
     scored = (target != IGNORE_INDEX).nonzero().squeeze(1)
-    values = chunked_logprobs(hidden[0, scored], target[scored], base.get_output_embeddings())
+    values = chunked_logprobs(hidden[0, scored], target[scored], base.get_output_embeddings(), temperature=temperature)
     where = (flat[scored + 1],)  # back to the padded position of the scored token
     out = {}
     for name, value in zip(STATS, values, strict=True):
@@ -120,8 +140,9 @@ def packed_completion_logps(
     return out
 
 
-def use_packed_logps(model: Any) -> bool:
-    """Route `fused_lm_head=True` calls of `model` (after TRL patched it) through `packed_completion_logps`."""
+def use_packed_logps(model: Any, temperature: float = 1.0) -> bool:
+    """Route `fused_lm_head=True` calls of `model` (after TRL patched it with this temperature) through
+    `packed_completion_logps`."""
     base = hf_model(model)
     if not supports_trained_positions(base):
         return False
@@ -134,7 +155,7 @@ def use_packed_logps(model: Any) -> bool:
         given = {k: v for k, v in kwargs.items() if v is not None}  # PEFT passes its unused options as None
         if not fused_lm_head or args or labels is None or "input_ids" not in given or not set(given) <= MODEL_KWARGS:
             return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-        stats = packed_completion_logps(base, given["input_ids"], given.get("attention_mask"), labels)
+        stats = packed_completion_logps(base, given["input_ids"], given.get("attention_mask"), labels, temperature)
         mask = labels[:, 1:] != IGNORE_INDEX
         loss = -stats["log_probs"].sum() / mask.sum().clamp(min=1)
         return FusedCausalLMOutput(loss=loss, label_mask=mask, **stats)
