@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import tiny  # noqa: E402
+from cli_runner import run_cli  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,17 +46,6 @@ def smollm2_gguf() -> Path:
     from tunestack.model.builtin import BUILTIN_MODELS, gguf_path
 
     return gguf_path(BUILTIN_MODELS["smollm2-135m-instruct"])
-
-
-def run_cli(argv: list[str]) -> int:
-    """Run `tunestack ARGV` in this process; returns the exit code."""
-    from tunestack.cli import main
-
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture

@@ -123,11 +123,12 @@ def verify_saved_model(folder: Path, trained: bool) -> None:
 
 
 def _empty_tensors(adapter_file: Path) -> int:
-    """How many tensors of a safetensors file have no elements."""
+    """How many tensors of a safetensors file are ZeRO-3 placeholders: one-dimensional with no elements (a
+    rank AdaLoRA pruned away leaves a matrix with one zero dimension, which is a real, empty adapter part)."""
     from safetensors import safe_open
 
     with safe_open(str(adapter_file), framework="pt") as fh:
-        return sum(1 for k in fh.keys() if 0 in fh.get_slice(k).get_shape())
+        return sum(1 for k in fh.keys() if fh.get_slice(k).get_shape() == [0])
 
 
 def _untrained(adapter_file: Path) -> bool:

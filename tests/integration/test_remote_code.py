@@ -231,7 +231,7 @@ def _stage(cli, stage, model, data_dir, out, family, *extra):
 @pytest.fixture(scope="module")
 def trained(models, data, tmp_path_factory):
     """{family: {stage: output folder}} after pt, sft, rm, dpo and ppo on each family (LoRA, 2 steps each)."""
-    from conftest import run_cli
+    from cli_runner import run_cli
 
     root = tmp_path_factory.mktemp("remote_runs")
 

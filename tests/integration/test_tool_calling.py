@@ -9,22 +9,15 @@ from pathlib import Path
 
 import pytest
 import tiny
+from cli_runner import run_cli as _run
 from tool_fixtures import BOOK_CALL, HELD_OUT, SHORT_TOOLS, WEATHER_CALL, learning_records
 
-from tunestack.cli import main as cli_main
 from tunestack.config.infer import GenerationArguments, ModelSelection
 from tunestack.data.tools import ToolCall
 from tunestack.infer.chat import ChatSession
 from tunestack.infer.generate import ChatModel
 
 GREEDY = GenerationArguments(temperature=0, max_new_tokens=80)
-
-
-def _run(argv: list[str]) -> int:
-    try:
-        return cli_main([str(a) for a in argv]) or 0
-    except SystemExit as exc:
-        return int(exc.code or 0)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -166,3 +166,24 @@ def test_a_recipe_stage_on_two_nodes(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as rank:
         load_recipe(_recipe(tmp_path, tiny_model, {"nnodes": 2, "master_addr": "h"}), node_rank=2)
     assert rank.value.problems == ["--node_rank 2: stage 'pt' runs on 2 nodes, ranked 0 to 1"]
+
+
+def test_the_save_check_refuses_zero3_placeholders_but_keeps_adalora_pruned_ranks(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from tunestack.checkpoints import SaveCheckError, verify_saved_model
+
+    def adapter(name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    trained = {"q.lora_A.weight": torch.ones(4, 16), "q.lora_B.weight": torch.ones(16, 4)}
+    placeholders = {**trained, "k.lora_A.weight": torch.empty(0), "k.lora_B.weight": torch.empty(0)}
+    with pytest.raises(SaveCheckError, match="2 of its tensors hold no values"):
+        verify_saved_model(adapter("zero3", placeholders), trained=True)
+    pruned = {**trained, "k.lora_A.weight": torch.empty(0, 16), "k.lora_B.weight": torch.empty(16, 0)}
+    verify_saved_model(adapter("adalora", pruned), trained=True)  # a rank pruned to nothing is real
