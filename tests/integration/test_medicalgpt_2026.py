@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiny
+from cli_runner import run_cli
 
 from tunestack.cli import COMMANDS, resolve
 from tunestack.data.prompts import load_prompts
@@ -150,6 +152,17 @@ def test_accuracy_reward(completion: str, answer: str, reward: float) -> None:
     assert accuracy_reward(["q"], conversational, answer=[answer]) == [reward]
 
 
+@pytest.fixture(scope="module")
+def model_1k(tmp_path_factory) -> Path:
+    """A tiny random qwen2 with a context of 1024 positions: a record with tool schemas is longer than 256."""
+    root = tmp_path_factory.mktemp("model_1k")
+    tiny.build_tokenizer(root / "tokenizer")
+    return tiny.build_model(
+        root / "base", "qwen2", tokenizer_dir=root / "tokenizer", max_position_embeddings=1024, hidden_size=64,
+        intermediate_size=128,
+    )  # fmt: skip
+
+
 def _run_script(script: str, cwd: Path, model: Path, extra: str) -> dict[str, Any]:
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
@@ -160,23 +173,40 @@ def _run_script(script: str, cwd: Path, model: Path, extra: str) -> dict[str, An
     return json.loads(next(cwd.glob("outputs-*/run.json")).read_text())
 
 
-def test_the_2026_sft_script_trains_on_chats_and_tool_calls(tiny_model: Path, tmp_path: Path) -> None:
-    run = _run_script("run_sft.sh", tmp_path, tiny_model, "--max_steps 2 --gradient_accumulation_steps 1")
+def test_the_2026_sft_script_trains_on_chats_and_tool_calls(model_1k: Path, tmp_path: Path) -> None:
+    # a tiny tokenizer of 384 tokens writes the tool schemas in over 512 tokens (a real one in about 250)
+    extra = "--max_steps 2 --gradient_accumulation_steps 1 --model_max_length 1024"
+    run = _run_script("run_sft.sh", tmp_path, model_1k, extra)
     assert run["status"] == "complete" and run["summary"]["global_step"] == 2
-    assert run["data_stats"]["train_samples"] + run["data_stats"].get("eval_samples", 0) == 18
+    assert run["data_stats"]["samples"] == 18  # every chat and tool-call record of the folder
     assert not (tmp_path / "outputs-sft-v2" / "rejects.jsonl").exists()
     template = (tmp_path / "outputs-sft-v2" / "chat_template.jinja").read_text()
     assert template.startswith("{#- tunestack tool_format: default -#}")  # chat and serve write tools the same way
 
 
-def test_the_2026_dpo_script_trains_on_conversations_with_chosen_and_rejected(tiny_model: Path, tmp_path: Path) -> None:
-    run = _run_script("run_dpo.sh", tmp_path, tiny_model, "--max_steps 1 --gradient_accumulation_steps 1")
+def test_the_2026_dpo_script_trains_on_conversations_with_chosen_and_rejected(model_1k: Path, tmp_path: Path) -> None:
+    run = _run_script("run_dpo.sh", tmp_path, model_1k, "--max_steps 1 --gradient_accumulation_steps 1")
     assert run["status"] == "complete" and run["summary"]["global_step"] == 1
-    assert run["data_stats"]["train_pairs"] + run["data_stats"].get("eval_pairs", 0) == 10
+    assert run["data_stats"]["samples"] == 10  # every pair, those with tools too
 
 
-def test_the_2026_grpo_script_scores_question_answer_records_by_accuracy(tiny_model: Path, tmp_path: Path) -> None:
-    extra = "--max_steps 1 --max_completion_length 8 --logging_steps 1"
-    run = _run_script("run_grpo.sh", tmp_path, tiny_model, extra)
-    assert run["status"] == "complete" and run["summary"]["global_step"] == 1
-    assert run["options"]["data"]["reward_funcs"] == "accuracy"
+def test_the_2026_grpo_script_scores_question_answer_records_by_accuracy(model_1k: Path, tmp_path: Path) -> None:
+    """The tiny model is first taught the answers a little (so that some sampled completions are right and some
+    are not: the reward varies and GRPO has something to learn from), then the script runs with no reward given."""
+    records = [json.loads(line) for line in (DATA / "grpo" / "question_answer.jsonl").read_text().splitlines()]
+    chats = tmp_path / "qa_chats.jsonl"
+    turns = [[{"from": "human", "value": r["question"]}, {"from": "gpt", "value": r["answer"]}] for r in records]
+    chats.write_text("".join(json.dumps({"conversations": t}) + "\n" for t in turns))
+    taught = tmp_path / "taught"
+    argv = ["sft", "--model_name_or_path", model_1k, "--train_file_dir", chats, "--use_peft", "false",
+            "--learning_rate", "5e-3", "--max_steps", "40", "--per_device_train_batch_size", "12",
+            "--model_max_length", "128", "--torch_dtype", "float32", "--report_to", "none", "--save_strategy", "no",
+            "--seed", "1", "--output_dir", taught]  # fmt: skip
+    assert run_cli(argv) == 0
+    extra = "--max_steps 3 --max_completion_length 8 --logging_steps 1 --learning_rate 1e-3 --bf16 false --dtype float32"
+    run = _run_script("run_grpo.sh", tmp_path, taught, extra)
+    assert run["status"] == "complete" and run["summary"]["global_step"] == 3
+    assert run["data_stats"]["reward_funcs"] == "accuracy" and run["options"]["data"]["reward_funcs"] is None
+    rows = [json.loads(line) for line in (tmp_path / "outputs-grpo-v2" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["rewards/accuracy_reward/mean"] for r in rows if "rewards/accuracy_reward/mean" in r]
+    assert len(rewards) == 3 and 0 < max(rewards) <= 1  # some completions answered right, scored against `answer`

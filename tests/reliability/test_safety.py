@@ -302,3 +302,39 @@ def test_a_cache_folder_is_built_once_by_processes_that_ask_together(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert len(log.read_text().split()) == 1
     assert sorted(p.name for p in target.iterdir()) == ["config", "weights"]
+
+
+def _save_on_rank(rank: int, port: int, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from tunestack.model.builtin import save_model_folder
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # the rank that took the cache lock: save_pretrained would write no weights here
+            save_model_folder(AutoModelForCausalLM.from_pretrained(model_dir), Path(out))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_cache_folder_built_by_rank_1_of_a_process_group_holds_the_weights(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "converted"
+    out.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save_on_rank, args=(r, port, str(tiny_model), str(out))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    source, saved = AutoModelForCausalLM.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(source(ids).logits, saved(ids).logits)

@@ -57,6 +57,37 @@ def is_complete_model_folder(folder: Path) -> bool:
     )
 
 
+def save_model_folder(model: Any, folder: Path) -> None:
+    """The files of `model.save_pretrained` (config, generation config, one safetensors file, a remote-code model's
+    own .py files), written by whichever process calls it: once a process group exists save_pretrained writes
+    weights on rank 0 only, and any process of a launch may be the one building a cache. A tied tensor is written
+    once, under the input embedding's name."""
+    from safetensors.torch import save_file
+
+    if getattr(model, "_auto_class", None) is not None:  # remote code: its modeling files travel with it
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, folder, config=model.config)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    state = model.state_dict()
+    embedding = model.get_input_embeddings()
+    embedding_ptr = embedding.weight.data_ptr() if embedding is not None else None
+    # the input embedding's own name first, so that a tied output layer is the one left out
+    order = sorted(state, key=lambda n: (not (state[n].data_ptr() == embedding_ptr and "embed" in n), n))
+    kept: dict[str, Any] = {}
+    written: set[tuple[int, tuple[int, ...]]] = set()
+    for name in order:
+        tensor = state[name]
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in written:
+            continue
+        written.add(key)
+        kept[name] = tensor.contiguous()
+    save_file(kept, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def write_card_sampling(folder: Path, spec: BuiltinModel) -> None:
     """Put the model card's sampling into the folder's generation_config.json when it has no sampling at all
     (a value a user edited there is kept)."""
@@ -97,8 +128,7 @@ def builtin_model_dir(alias: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype="float32")
         strip_gguf_quantizer(model)
-        # Every process of a distributed launch may be the one converting: it must write the weights.
-        model.save_pretrained(staging, is_main_process=True)
+        save_model_folder(model, staging)
         tokenizer.save_pretrained(staging)
         write_card_sampling(staging, spec)
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from tunestack.atomic import build_once
 from tunestack.errors import ModelError
 from tunestack.model.adapters import stack_adapters
-from tunestack.model.builtin import strip_gguf_quantizer
+from tunestack.model.builtin import save_model_folder, strip_gguf_quantizer
 from tunestack.model.compat import complete_model, fix_tokenizer_pad
 from tunestack.model.ref import ModelRef
 from tunestack.model.safety import announce_remote_code, needs_remote_code, refuse_pickled_weights
@@ -248,7 +248,7 @@ def _materialize_merged(ref: ModelRef, adapters: list[Path], trust_remote_code: 
         model = causal_lm_class(ref.base_dir, trust_remote_code).from_pretrained(ref.base_dir, **kwargs)
         if ref.gguf_file:
             strip_gguf_quantizer(model)
-        stack_adapters(complete_model(model), adapters).save_pretrained(staging, is_main_process=True)
+        save_model_folder(stack_adapters(complete_model(model), adapters), staging)
 
     def complete(folder: Path) -> bool:
         return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))

@@ -38,6 +38,13 @@ logger = logging.getLogger("tunestack")
 EXIT_INTERRUPTED = 143
 
 
+def _interrupted_together(state: Any) -> int:
+    """The exit code of a stopped run, once every process got here: torchrun stops the whole group as soon as one
+    process exits with a failure code, which would cut short the main process still writing the run's records."""
+    state.wait_for_everyone()
+    return EXIT_INTERRUPTED
+
+
 @dataclass
 class StageArgs:
     model: ModelArguments
@@ -253,7 +260,7 @@ class Stage:
                 f"stopped by {stop.signal_name} at step {result['global_step']}; {saved} {train.output_dir}. "
                 "Resume with --resume_from_checkpoint true",
             )
-            return EXIT_INTERRUPTED
+            return _interrupted_together(state)
         result["seconds"] = round(time.time() - started, 1)
         result["phases"] = clock.take()
         if train.log_level in ("debug", "info"):
@@ -263,7 +270,7 @@ class Stage:
         lines += self.summary_lines(ctx, data, result)
         lines.append(f"output: {train.output_dir} (run.json, metrics.jsonl, loss.png, runs/ for TensorBoard)")
         _say(state, "\n".join(lines))
-        return EXIT_INTERRUPTED if stop.requested else 0
+        return _interrupted_together(state) if stop.requested else 0
 
     # ----------------------------------------------------------------------------------- internals
 
