@@ -5,7 +5,9 @@ answer that never emits the stop token. SmolLM2 mostly rambles past 32 tokens on
 examples/demo/sft/general.jsonl; 16 PPO steps (LoRA, batch 8, dropout off) teach it to answer in a sentence and
 stop. Measured on held-out prompts the run never trained on (sampled answers, fixed seed), about 2.5 minutes
 on 2 idle CPU cores: reward -2.4 -> -0.9, answer length 32 -> 15 tokens, KL to the reference ~5 nats
-(other runs of 12 steps ended between 11 and 18 tokens: the random draws differ from run to run).
+(other runs of 12 steps ended between 11 and 18 tokens: the random draws differ from run to run; with the packed
+scoring of rl/scoring.py, whose draws differ again: -2.5 -> -1.1, 32 -> 17 tokens, KL 6.5, stopping answers from a
+quarter of the first batch to about three quarters of the last ones).
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ def test_ppo_teaches_smollm2_to_answer_briefly(cli, smollm2, tmp_path, monkeypat
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in steps if "reward_mean" in r]
     assert len(trained) == 16
-    first, last = trained[:3], trained[-3:]
-    assert sum(r["stopped_fraction"] for r in last) > sum(r["stopped_fraction"] for r in first) + 1.0
+    # at first most sampled answers run past 32 tokens; by the end most of them stop (steps are batches of 8, so
+    # the fraction is noisy: the mean of the last four steps)
+    last = trained[-4:]
+    assert trained[0]["stopped_fraction"] <= 0.5 and sum(r["stopped_fraction"] for r in last) / 4 >= 0.6, trained
     assert "held-out reward" in stdout
     assert (out / "samples.jsonl").exists() and (out / "reward.png").exists()
     assert (out / "adapter_model.safetensors").exists() and (out / "value_head.safetensors").exists()
