@@ -43,6 +43,7 @@ class GracefulStop(TrainerCallback):
         self.stopped_training = False
         self.immediate = False
         self.signal_name = ""
+        self.signum = 0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -58,6 +59,7 @@ class GracefulStop(TrainerCallback):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name
         if self.immediate:
             logger.warning("%s received: stopping (the trained model is already saved)", self.signal_name)
@@ -65,18 +67,21 @@ class GracefulStop(TrainerCallback):
         logger.warning("%s received: saving a checkpoint after this step, then stopping", self.signal_name)
 
     def should_stop(self) -> bool:
-        """Any rank that was signalled stops every rank, so all of them stop at the same point."""
+        """Any rank that was signalled stops every rank, so all of them stop at the same point (and every rank
+        knows which signal it was)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self.requested
         import torch
 
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([float(self.signum)])
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.requested = bool(flag.item())
+        signum = int(flag.item())
+        if signum and not self.requested:
+            self.requested, self.signum, self.signal_name = True, signum, signal.Signals(signum).name
         return self.requested
 
     def on_step_end(self, args, state, control, **kwargs):
