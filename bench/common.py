@@ -109,6 +109,34 @@ def load_warning(rows: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def run_in_workdir(args: Any, run_bench: Callable[[Any, str, Path], list[dict[str, Any]]], name: str) -> None:
+    """The end of a bench's main(): the model (--model, else the built-in SmolLM2), the scratch folder (--workdir,
+    kept; else a temporary one, removed), `run_bench(args, model, work)`, the load at the end and --json."""
+    import tempfile
+
+    from tunestack.model.builtin import builtin_model_dir
+
+    model = args.model or str(builtin_model_dir("smollm2-135m-instruct"))
+    temp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        temp = tempfile.mkdtemp(prefix=f"tunestack-{name}-bench-")
+        work = Path(temp)
+    try:
+        rows = run_bench(args, model, work)
+        print(f"\n{load_line()} at the end")
+        warning = load_warning(rows) if rows else None
+        if warning:
+            print(warning)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
 def orders(kinds: list[str], rounds: int) -> list[str]:
     """a b c, c b a, a b c ...: alternate which system runs first (and last) in each round."""
     out: list[str] = []

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -265,27 +263,7 @@ def main() -> None:
     args = parser.parse_args()
     args.systems = [s for s in args.systems.replace(",", "") if s in SYSTEMS] or list(SYSTEMS)
 
-    from tunestack.model.builtin import builtin_model_dir
-
-    model = args.model or str(builtin_model_dir("smollm2-135m-instruct"))
-    temp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        temp = tempfile.mkdtemp(prefix="tunestack-dpo-bench-")
-        work = Path(temp)
-    try:
-        rows = run_bench(args, model, work)
-        print(f"\n{common.load_line()} at the end")
-        warning = common.load_warning(rows) if rows else None
-        if warning:
-            print(warning)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    finally:
-        if temp:
-            shutil.rmtree(temp, ignore_errors=True)
+    common.run_in_workdir(args, run_bench, "dpo")
 
 
 if __name__ == "__main__":

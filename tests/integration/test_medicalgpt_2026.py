@@ -8,13 +8,12 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tiny
-from cli_runner import run_cli
+from cli_runner import run_cli, run_script
 
 from tunestack.cli import COMMANDS, resolve
 from tunestack.data.prompts import load_prompts
@@ -164,10 +163,7 @@ def model_1k(tmp_path_factory) -> Path:
 
 
 def _run_script(script: str, cwd: Path, model: Path, extra: str) -> dict[str, Any]:
-    venv_bin = str(Path(sys.executable).parent)
-    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
-    env.update(MODEL=str(model), NPROC="1", EXTRA_ARGS=extra)
-    proc = subprocess.run(["bash", str(SCRIPTS / script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_script(SCRIPTS / script, cwd, MODEL=str(model), NPROC="1", EXTRA_ARGS=extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     return json.loads(next(cwd.glob("outputs-*/run.json")).read_text())

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_script as _run_script
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
-
-
-def _run_script(script: Path, cwd: Path, **env_overrides: str) -> subprocess.CompletedProcess:
-    venv_bin = str(Path(sys.executable).parent)  # torchrun and python of this environment
-    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
-    env.update(env_overrides)
-    return subprocess.run(["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_sample_pretrain_corpus_is_small_english_and_chinese() -> None:

@@ -4,22 +4,18 @@ overrides) on a tiny model, chaining like the tutorials: SFT, then RM, then PPO 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_script
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
 SCRIPTS = EXAMPLES / "medicalgpt"
 
 
 def _run_script(name: str, cwd: Path, **env_overrides: str) -> subprocess.CompletedProcess:
-    venv_bin = str(Path(sys.executable).parent)  # torchrun and python of this environment
-    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
-    env.update(env_overrides)
-    return subprocess.run(["bash", str(SCRIPTS / name)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_script(SCRIPTS / name, cwd, **env_overrides)
 
 
 def _manifest(folder: Path) -> dict:

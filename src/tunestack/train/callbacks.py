@@ -42,9 +42,12 @@ class GracefulStop(TrainerCallback):
         self.requested = False
         self.stopped_training = False
         self.immediate = False
-        self.signal_name = ""
-        self.signum = 0
+        self.signum = 0  # the signal that stopped the run (on any rank), 0 while none did
         self._previous: dict[int, Any] = {}
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,7 +63,6 @@ class GracefulStop(TrainerCallback):
             raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
-        self.signal_name = signal.Signals(signum).name
         if self.immediate:
             logger.warning("%s received: stopping (the trained model is already saved)", self.signal_name)
             raise StopRequested(self.signal_name)
@@ -81,7 +83,7 @@ class GracefulStop(TrainerCallback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum = int(flag.item())
         if signum and not self.requested:
-            self.requested, self.signum, self.signal_name = True, signum, signal.Signals(signum).name
+            self.requested, self.signum = True, signum
         return self.requested
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -93,7 +95,7 @@ class GracefulStop(TrainerCallback):
 
     def on_prediction_step(self, args, state, control, **kwargs):
         if self.should_stop():
-            raise StopRequested(self.signal_name or "a signal on another rank")
+            raise StopRequested(self.signal_name)
 
 
 class AdaLoraBudget(TrainerCallback):
