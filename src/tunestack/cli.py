@@ -124,12 +124,21 @@ def resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _every_rank_or_warning(record: logging.LogRecord) -> bool:
+    """What a non-main rank prints: warnings, and the notes only it can give (logged with
+    extra={"every_rank": True}), such as 'converting the built-in model' when that rank won the race to do it."""
+    return record.levelno >= logging.WARNING or getattr(record, "every_rank", False)
+
+
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.INFO,
         format="[tunestack] %(message)s" if rank == 0 else f"[tunestack rank {rank}] %(message)s",
     )
+    if rank != 0:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_every_rank_or_warning)
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes logs a missing optional kernel package at import; its CPU path works without it.

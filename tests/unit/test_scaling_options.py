@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,3 +189,15 @@ def test_the_save_check_refuses_zero3_placeholders_but_keeps_adalora_pruned_rank
         verify_saved_model(adapter("zero3", placeholders), trained=True)
     pruned = {**trained, "k.lora_A.weight": torch.empty(0, 16), "k.lora_B.weight": torch.empty(16, 0)}
     verify_saved_model(adapter("adalora", pruned), trained=True)  # a rank pruned to nothing is real
+
+
+def test_a_non_main_rank_prints_warnings_and_its_own_notes_only() -> None:
+    code = (
+        "import logging; from tunestack.cli import _setup_logging; _setup_logging(); log = logging.getLogger('tunestack.x');"
+        "log.info('plain note'); log.info('converting the model', extra={'every_rank': True}); log.warning('a warning')"
+    )
+    for rank, shown in (("1", ["[tunestack rank 1] converting the model", "[tunestack rank 1] a warning"]),
+                        ("0", ["[tunestack] plain note", "[tunestack] converting the model", "[tunestack] a warning"])):  # fmt: skip
+        env = dict(os.environ, RANK=rank)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert proc.stderr.splitlines() == shown

@@ -124,7 +124,9 @@ def builtin_model_dir(alias: str) -> Path:
     def convert(staging: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        logger.info("converting %s from %s (once; cached in %s)", alias, spec.gguf_file, target)
+        logger.info(
+            "converting %s from %s (once; cached in %s)", alias, spec.gguf_file, target, extra={"every_rank": True}
+        )
         tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype="float32")
         strip_gguf_quantizer(model)
