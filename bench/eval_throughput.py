@@ -6,7 +6,8 @@ seed) with letter scoring on the real SmolLM2-135M-Instruct, each in its own sub
   (a) one-at-a-time  what LLaMA-Factory's evaluator does per question, one question per forward: the 5-shot prompt
                      tokenized, a full forward (logits at every position), the letters' logits at the last one
   (b) tunestack      `tunestack eval --benchmark_dir DIR --n_shot 5` run in-process: batches of --batch_size
-                     prompts sorted by length, right padded, only the last position's logits computed
+                     prompts of one subject, its shared instructions and shots run once (their KV cache repeated
+                     over the batch), the questions right padded, only the last position's logits computed
 
 Questions/s = questions ÷ the seconds spent scoring (model loading excluded; (b) times its scoring call inside the
 real command). The predictions are compared with the loop's, taken two ways: with the bare letters' tokens ("A",

@@ -4,6 +4,7 @@ while an untrained one is near chance; eval.json rows and the printed table."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -167,6 +168,39 @@ def test_letter_scores_equal_a_direct_computation_with_padding(tmp_path, chat):
     one_by_one, _ = score_benchmarks(chat, benches, "letter", n_shot=2, batch_size=1)
     for alone, batched in zip(one_by_one, scored, strict=True):
         assert alone.scores == pytest.approx(batched.scores, abs=2e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
+def test_a_shared_beginning_runs_once_and_scores_as_the_whole_rows(tiny_models, family):
+    from transformers import AutoModelForCausalLM
+
+    from tunestack.eval.scoring import positions_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    head = torch.randint(5, 200, (40,), generator=generator).tolist()
+    rows = [head + torch.randint(5, 200, (n,), generator=generator).tolist() for n in (7, 3, 10, 5)]
+    seen: list[tuple[int, ...]] = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # the signature stays the model's (what the scorer checks)
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    got = positions_logprobs(model, rows, [[len(r) - 1] for r in rows], pad_id=0)
+    assert seen == [(1, 40), (4, 10)]  # the beginning once, then only the tails
+    for row, lp in zip(rows, got, strict=True):
+        alone = positions_logprobs(model, [row], [[len(row) - 1]], pad_id=0)[0]
+        assert torch.allclose(lp, alone, atol=1e-4)
+    for first, calls in ((38, [(1, 38), (4, 12)]), (10, [(4, 50)])):  # positions inside the beginning share less
+        positions = [[len(r) - 1] for r in rows[:2]] + [list(range(first, len(r) - 1)) for r in rows[2:]]
+        seen.clear()
+        mixed = positions_logprobs(model, rows, positions, pad_id=0)
+        assert seen == calls
+        for row, ps, lp in zip(rows, positions, mixed, strict=True):
+            assert torch.allclose(lp, positions_logprobs(model, [row], [ps], pad_id=0)[0], atol=1e-4)
 
 
 def test_cloze_scores_equal_a_direct_computation(tmp_path, chat):
