@@ -10,8 +10,10 @@ prompt, 10 steps, seed 42, each in its own subprocess (peak RSS = its VmHWM), in
   (c) trl-rloo        trl.RLOOTrainer, the same way
   (d) tunestack-rloo  tunestack rl --algo rloo
   (e) tunestack-ppo   tunestack rl --algo ppo against a reward model (trained here first) plus the rule
+  (f) ppo-padded      the same with --padding_free false: the padded scoring passes PPO had before its packed ones
 
     python bench/rl_throughput.py                      # 10 steps, a b c d e, one round
+    python bench/rl_throughput.py --systems ef         # PPO packed against padded
     python bench/rl_throughput.py --steps 2 --systems ab   # a quick check
 
 Not a test: numbers depend on the machine; compare ratios from one run.
@@ -39,8 +41,11 @@ SYSTEMS = {
     "c": ("trl-rloo", "TRL RLOOTrainer"),
     "d": ("tunestack-rloo", "tunestack rl --algo rloo"),
     "e": ("tunestack-ppo", "tunestack rl --algo ppo"),
+    "f": ("ppo-padded", "tunestack rl --algo ppo, padded"),
 }
-PAIRS = (("trl-grpo", "tunestack-grpo"), ("trl-rloo", "tunestack-rloo"))
+# (baseline, ours, the speed-up targeted)
+PAIRS = (("trl-grpo", "tunestack-grpo", 1.5), ("trl-rloo", "tunestack-rloo", 1.5), ("ppo-padded", "tunestack-ppo", 1.4))
+PPO_KINDS = ("tunestack-ppo", "ppo-padded")
 LEARNING_RATE = 1e-5
 BETA = 0.2  # tunestack's --init_kl_coef default; TRL's GRPO default is 0 (no reference pass), RLOO's 0.05
 TRAIN_SEED = 42
@@ -221,15 +226,15 @@ def child_tunestack_rloo(spec: dict[str, Any]) -> dict[str, Any]:
     return _tunestack_trl(spec, "rloo")
 
 
-def child_tunestack_ppo(spec: dict[str, Any]) -> dict[str, Any]:
-    """(e) tunestack rl --algo ppo: one completion per prompt, batch = the other systems' completions per step."""
+def _tunestack_ppo(spec: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """tunestack rl --algo ppo: one completion per prompt, batch = the other systems' completions per step."""
     import tunestack.cli  # noqa: F401  (see _tunestack_trl)
 
     rss_start = common.vmrss_mb()
     batch = spec["generations"] * spec["prompts_per_step"]
     argv = [
         *_tunestack_argv(spec, "ppo"), "--reward_model", spec["reward_model"], "--batch_size", str(batch),
-        "--mini_batch_size", str(spec["ppo_mini_batch"]), "--ppo_epochs", str(spec["ppo_epochs"]),
+        "--mini_batch_size", str(spec["ppo_mini_batch"]), "--ppo_epochs", str(spec["ppo_epochs"]), *extra,
     ]  # fmt: skip
     _run_cli(argv)
     rows = [json.loads(line) for line in (Path(spec["work"]) / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -250,12 +255,21 @@ def child_tunestack_ppo(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def child_tunestack_ppo(spec: dict[str, Any]) -> dict[str, Any]:
+    return _tunestack_ppo(spec)
+
+
+def child_ppo_padded(spec: dict[str, Any]) -> dict[str, Any]:
+    return _tunestack_ppo(spec, "--padding_free", "false")
+
+
 CHILDREN = {
     "trl-grpo": child_trl_grpo,
     "tunestack-grpo": child_tunestack_grpo,
     "trl-rloo": child_trl_rloo,
     "tunestack-rloo": child_tunestack_rloo,
     "tunestack-ppo": child_tunestack_ppo,
+    "ppo-padded": child_ppo_padded,
 }
 
 
@@ -330,7 +344,7 @@ def run_bench(args: argparse.Namespace, model: str, work: Path) -> list[dict[str
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         **prepare_prompts(model, work),
     }
-    if "tunestack-ppo" in kinds:
+    if any(k in kinds for k in PPO_KINDS):
         spec["reward_model"] = prepare_reward_model(model, work, dtype)
     order = common.orders(kinds, args.rounds)
     print(
@@ -376,7 +390,7 @@ def report(rows: list[dict[str, Any]], kinds: list[str]) -> None:
             f"{common.median(rs, 'rss_mb'):13.0f}{common.median(rs, 'reward_1'):10.4f}{common.median(rs, 'loss_1'):12.6f}"
             f"{gen:12.2f}{score:14.2f}"
         )
-    for base, ours in PAIRS:
+    for base, ours, target in PAIRS:
         if base in by and ours in by:
             speed = common.median(by[base], "s_per_step") / common.median(by[ours], "s_per_step")
             rss = common.median(by[ours], "rss_mb") / common.median(by[base], "rss_mb")
@@ -384,15 +398,16 @@ def report(rows: list[dict[str, Any]], kinds: list[str]) -> None:
                 abs(common.median(by[base], key) - common.median(by[ours], key)) < 1e-4 for key in ("reward_1", "loss_1")
             )
             print(
-                f"  {ours} / {base}: steps x{speed:.2f} faster (target x1.5: {'met' if speed >= 1.5 else 'MISSED'}), "
+                f"  {ours} / {base}: steps x{speed:.2f} faster (target x{target}: {'met' if speed >= target else 'MISSED'}), "
                 f"peak RSS x{rss:.2f} ({'no higher: met' if rss <= 1 else 'HIGHER'}); step-1 reward and loss "
                 f"{'equal' if same else 'DIFFER'}"
             )
-    if "tunestack-ppo" in by:
-        r = by["tunestack-ppo"][0]
-        total = sum(r["step_s"])
-        parts = ", ".join(f"{p} {sum(v) / r['steps']:.2f} s ({sum(v) / total:.0%})" for p, v in r["phases"].items())
-        print(f"  PPO step {total / r['steps']:.2f} s: {parts}")
+    for kind in PPO_KINDS:
+        if kind in by:
+            r = by[kind][0]
+            total = sum(r["step_s"])
+            parts = ", ".join(f"{p} {sum(v) / r['steps']:.2f} s ({sum(v) / total:.0%})" for p, v in r["phases"].items())
+            print(f"  {kind} step {total / r['steps']:.2f} s: {parts}")
 
 
 def main() -> None:
@@ -401,7 +416,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per system (order alternates each round)")
-    parser.add_argument("--systems", default="abcde", help="which of a b c d e to run (default abcde)")
+    parser.add_argument("--systems", default="abcde", help="which of a b c d e f to run (default abcde)")
     parser.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO, RLOO)")
     parser.add_argument("--prompts_per_step", type=int, default=2, help="prompts per step (PPO: x generations)")
     parser.add_argument("--completion_length", type=int, default=64, help="most tokens generated per completion")
