@@ -295,7 +295,7 @@ def test_run_refuses_to_start_under_torchrun(tmp_path, tiny_model, pt_corpus, cl
 
 
 def _reduced_demo(out_root: Path) -> dict:
-    """examples/demo/recipe.yaml with every stage cut to a few steps (the full demo takes ~15 min on 2 CPUs)."""
+    """examples/demo/recipe.yaml with every stage cut to a few steps (the full demo takes ~9 min on 2 CPUs)."""
     recipe = yaml.safe_load((ROOT / "examples" / "demo" / "recipe.yaml").read_text(encoding="utf-8"))
     recipe["output_root"] = str(out_root)
     cuts = {
