@@ -203,6 +203,16 @@ def test_a_shared_beginning_runs_once_and_scores_as_the_whole_rows(tiny_models, 
             assert torch.allclose(lp, positions_logprobs(model, [row], [ps], pad_id=0)[0], atol=1e-4)
 
 
+def test_rows_that_begin_alike_are_batched_among_themselves():
+    from tunestack.eval.scoring import MIN_SHARED_PREFIX, _batches
+
+    a, b = [1] * MIN_SHARED_PREFIX, [2] * MIN_SHARED_PREFIX  # two subjects' shared instructions and shots
+    rows = [a + [5], b + [5, 6], a + [6, 7], [3, 4], b + [7], a + [8], [9]]  # interleaved, and two that share nothing
+    batches = _batches(rows, batch_size=2)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(rows)))
+    assert [sorted(batch) for batch in batches] == [[0, 2], [5], [1, 4], [3, 6]]  # a, then b, then the loners
+
+
 def test_cloze_scores_equal_a_direct_computation(tmp_path, chat):
     bench = read_benchmark(sets.write_mmlu(tmp_path / "mmlu"))
     scored, _ = score_benchmarks(chat, [bench], "cloze", n_shot=1, batch_size=5)
