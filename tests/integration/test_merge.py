@@ -202,3 +202,30 @@ def test_flag_problems_are_reported_together(tmp_path: Path) -> None:
         main(["--max_shard_size", "huge", "--output_dir", str(tmp_path / "x")])
     assert any("--lora_model is required" in p for p in err.value.problems)
     assert any("--max_shard_size" in p for p in err.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("lora", "direct"),
+    [({}, True), ({"use_rslora": True, "target_modules": ["q_proj", "down_proj"]}, True), ({"use_dora": True}, False)],
+    ids=["lora", "rslora", "dora"],
+)
+def test_a_plain_lora_merged_directly_has_the_bits_of_peft_s_merge(
+    tiny_model: Path, tmp_path: Path, lora: dict, direct: bool
+) -> None:
+    """merge_adapter merges a plain LoRA itself (W += (B @ A) * scale, without PEFT's wrappers) and leaves other
+    kinds to PEFT; either way the weights are exactly those of PEFT's merge_and_unload."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def fresh() -> Any:
+        return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+
+    adapter = make_adapter(tiny_model, tmp_path / "adapter", **lora)
+    expected = PeftModel.from_pretrained(fresh(), adapter).merge_and_unload().state_dict()
+    model = fresh()
+    assert (adapters_module._plain_lora_layers(model, adapter) is not None) == direct
+    got = adapters_module.merge_adapter(model, adapter).state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    base = fresh().state_dict()
+    assert sum(not torch.equal(base[k], expected[k]) for k in expected) >= 2  # the adapter changed weights

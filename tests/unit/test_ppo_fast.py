@@ -184,24 +184,3 @@ def test_reward_model_scores_on_packed_rows_equal_the_padded_scores(tiny_model, 
     assert got == pytest.approx(expected, abs=1e-5)
     assert len(set(got)) == 2
 
-
-def test_merged_lora_weights_give_the_adapters_logits_and_leave_the_base_alone(tiny_model):
-    from tunestack.model.adapters import merged_lora_weights
-
-    policy = _policy(tiny_model).policy.eval()
-    ids = torch.tensor([[1, 5, 9, 14, 22, 7]])
-    base = {n: p.clone() for n, p in policy.named_parameters() if "base_layer" in n}
-    with torch.no_grad():
-        expected = policy(input_ids=ids).logits
-        with policy.disable_adapter():
-            plain = policy(input_ids=ids).logits
-        with merged_lora_weights(policy) as merged:
-            got = policy(input_ids=ids).logits
-            with policy.disable_adapter():  # switched off inside the block: the base model's own logits
-                assert torch.equal(policy(input_ids=ids).logits, plain)
-        after = policy(input_ids=ids).logits
-    assert merged == 2 * 3  # q, v and down in each of the two layers
-    assert torch.allclose(got, expected, atol=1e-5) and not torch.equal(got, expected)  # one product instead of two
-    assert torch.equal(after, expected)
-    assert all(torch.equal(p, base[n]) for n, p in policy.named_parameters() if "base_layer" in n)
-    assert all("forward" not in vars(m) for m in policy.modules())

@@ -7,11 +7,10 @@ to a reward model's classifier as a plain PEFT model.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -100,9 +99,87 @@ def require_mergeable(peft_model: Any, adapter_dir: Path) -> None:
 
 def merge_adapter(model: Any, adapter_dir: Path) -> Any:
     """Load the adapter onto `model` and merge it into the weights."""
+    plain = _plain_lora_layers(model, Path(adapter_dir))
+    if plain is not None:
+        return _merge_plain_lora(model, *plain)
     peft_model = attach_adapter(model, adapter_dir)
     require_mergeable(peft_model, adapter_dir)
     return peft_model.merge_and_unload()
+
+
+# The adapter_config.json keys that may hold a value without making a LoRA other than W += (B @ A) * scale; any
+# other key with a value (DoRA, patterns, biases, saved modules, newer variants) leaves the merge to PEFT.
+_PLAIN_LORA_KEYS = {
+    "peft_type", "task_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "init_lora_weights", "base_model_name_or_path", "revision",
+    "inference_mode", "peft_version", "auto_mapping", "bias", "megatron_core", "qalora_group_size",
+    "ensure_weight_tying",
+}  # fmt: skip
+
+
+def _plain_lora_layers(model: Any, adapter_dir: Path) -> tuple[list[tuple[Any, Any, Any]], float] | None:
+    """([(linear layer, A, B)], scale) when `adapter_dir` holds a plain LoRA whose every pair of weights fits a
+    float32 nn.Linear of `model` that is not its output embedding; else None.
+
+    PEFT merges such an adapter as W += (B @ A) * scale per layer, after wrapping every target layer and loading
+    the adapter into the wrappers: a second per adapter for a 135M model, paid again by every stage and eval model
+    that starts from a stack. Merged here directly, with the same operations, the weights are the same bits."""
+    import torch
+
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if hasattr(model, "peft_config") or not config_path.exists() or not weights_path.exists():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none":
+        return None
+    if any(value for key, value in config.items() if key not in _PLAIN_LORA_KEYS):
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(weights_path)
+    except (OSError, SafetensorError):
+        return None  # PEFT's loader says what is wrong with the file
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if not key.startswith("base_model.model.") or part not in ("A.weight", "B.weight"):
+            return None
+        pairs.setdefault(name, {})[part[0]] = tensor
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = []
+    for name, ab in pairs.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            return None
+        a, b = ab.get("A"), ab.get("B")
+        if type(layer) is not torch.nn.Linear or layer is output_embeddings or a is None or b is None:
+            return None
+        if {layer.weight.dtype, a.dtype, b.dtype} != {torch.float32}:
+            return None
+        rows, cols = layer.weight.shape
+        if a.dim() != 2 or tuple(b.shape) != (rows, a.shape[0]) or a.shape[1] != cols:
+            return None
+        layers.append((layer, a, b))
+    if not layers:
+        return None
+    r, alpha = config["r"], config["lora_alpha"]
+    return layers, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+
+
+def _merge_plain_lora(model: Any, layers: list[tuple[Any, Any, Any]], scale: float) -> Any:
+    import torch
+
+    with torch.no_grad():
+        for layer, a, b in layers:
+            device = layer.weight.device
+            layer.weight.data += (b.to(device) @ a.to(device)) * scale
+    return model.eval()
 
 
 def stack_adapters(model: Any, adapters: Sequence[Path], keep_last: bool = False) -> Any:
@@ -112,41 +189,3 @@ def stack_adapters(model: Any, adapters: Sequence[Path], keep_last: bool = False
     for adapter in adapters:
         model = merge_adapter(model, adapter)
     return attach_adapter(model, live) if live is not None else model
-
-
-@contextlib.contextmanager
-def merged_lora_weights(model: Any) -> Iterator[int]:
-    """For the block, every plain LoRA layer of `model` (no variant such as DoRA, not merged, its adapters on, no
-    dropout at work) computes linear(x, W + B·A·scale): one product instead of PEFT's five operations per layer,
-    which is what decoding one token at a time on a CPU waits on. W is not touched (the merged weights are new
-    tensors, dropped when the block ends), so nothing drifts from step to step. Yields how many layers it merged."""
-    import torch
-    from peft.tuners.lora import Linear as LoraLinear
-
-    patched = []
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module) is not LoraLinear or module.merged or module.disable_adapters or module.lora_variant:
-                continue
-            names = [a for a in module.active_adapters if a in module.lora_A]
-            dropping = module.training and any(getattr(module.lora_dropout[a], "p", 0) > 0 for a in names)
-            if not names or dropping:
-                continue
-            base = module.get_base_layer()
-            weight = base.weight + sum(module.get_delta_weight(a).to(base.weight.dtype) for a in names)
-            module.forward = functools.partial(_merged_forward, module, base, weight)
-            patched.append(module)
-    try:
-        yield len(patched)
-    finally:
-        for module in patched:
-            del module.forward
-
-
-def _merged_forward(layer: Any, base: Any, weight: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    if layer.disable_adapters:  # the adapter switched off inside the block: the base layer alone
-        return base(x, *args, **kwargs)
-    import torch.nn.functional as F
-
-    return F.linear(x, weight, base.bias)
-

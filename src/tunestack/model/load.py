@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 from tunestack.atomic import build_once
 from tunestack.errors import ModelError
 from tunestack.model.adapters import stack_adapters
-from tunestack.model.builtin import save_model_folder, strip_gguf_quantizer
+from tunestack.model.builtin import gguf_parsed_once, save_model_folder, strip_gguf_quantizer
 from tunestack.model.compat import complete_model, fix_tokenizer_pad
 from tunestack.model.ref import ModelRef
 from tunestack.model.safety import announce_remote_code, needs_remote_code, refuse_pickled_weights
@@ -148,7 +149,8 @@ def load_model(
     if attention:
         kwargs["attn_implementation"] = attention
     try:
-        model = model_class.from_pretrained(base_dir, **kwargs)
+        with gguf_parsed_once() if gguf else nullcontext():
+            model = model_class.from_pretrained(base_dir, **kwargs)
     except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
         refused = None if args.trust_remote_code else needs_remote_code(base_dir, exc)
         if refused is not None:
@@ -245,7 +247,8 @@ def _materialize_merged(ref: ModelRef, adapters: list[Path], trust_remote_code: 
         kwargs: dict[str, Any] = {"dtype": "float32", "local_files_only": True, "trust_remote_code": trust_remote_code}
         if ref.gguf_file:
             kwargs["gguf_file"] = ref.gguf_file
-        model = causal_lm_class(ref.base_dir, trust_remote_code).from_pretrained(ref.base_dir, **kwargs)
+        with gguf_parsed_once() if ref.gguf_file else nullcontext():
+            model = causal_lm_class(ref.base_dir, trust_remote_code).from_pretrained(ref.base_dir, **kwargs)
         if ref.gguf_file:
             strip_gguf_quantizer(model)
         save_model_folder(stack_adapters(complete_model(model), adapters), staging)
