@@ -295,7 +295,8 @@ def test_run_refuses_to_start_under_torchrun(tmp_path, tiny_model, pt_corpus, cl
 
 
 def _reduced_demo(out_root: Path) -> dict:
-    """examples/demo/recipe.yaml with every stage cut to a few steps (the full demo takes ~9 min on 2 CPUs)."""
+    """examples/demo/recipe.yaml with every stage cut to a few steps and the eval to 2 questions per benchmark
+    subject and 2 drift prompts (the full demo takes under 10 min on 2 CPUs)."""
     recipe = yaml.safe_load((ROOT / "examples" / "demo" / "recipe.yaml").read_text(encoding="utf-8"))
     recipe["output_root"] = str(out_root)
     cuts = {
@@ -304,7 +305,7 @@ def _reduced_demo(out_root: Path) -> dict:
         "rm": {"max_steps": 3},
         "ppo": {"max_steps": 2, "max_target_length": 16},
         "dpo": {"max_steps": 3},
-        "eval": {"max_new_tokens": 16},
+        "eval": {"max_new_tokens": 16, "max_benchmark_questions": 2, "drift_probe": 2},
     }
     for stage in recipe["stages"]:
         stage.update(cuts[stage["name"]])
@@ -327,8 +328,8 @@ def test_demo_recipe_runs_end_to_end_reduced(smollm2, tmp_path) -> None:
     assert [m["label"] for m in evaluation["models"]] == ["base", "pt", "sft", "ppo", "dpo"]
     assert all("reward_mean" in m["metrics"] and "perplexity" in m["metrics"] for m in evaluation["models"])
     overall = [r for r in evaluation["benchmarks"] if r["subject"] == "overall"]
-    assert [(r["model"], r["n"]) for r in overall] == [(m, 40) for m in ("base", "pt", "sft", "ppo", "dpo")]
-    assert all(m["metrics"]["drift_prompts"] == 8 for m in evaluation["models"])
+    assert [(r["model"], r["n"]) for r in overall] == [(m, 8) for m in ("base", "pt", "sft", "ppo", "dpo")]
+    assert all(m["metrics"]["drift_prompts"] == 2 for m in evaluation["models"])
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") >= 5  # loss curves of pt, sft, rm, dpo; ppo loss and reward
     assert "Who are you?" in page and "你是谁？" in page
