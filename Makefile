@@ -10,7 +10,7 @@ demo: setup
 # torch processes sharing two cores slow each other down.
 test: setup
 	.venv/bin/python -m pytest -q -n 2 -m "not slow and not distributed"
-	.venv/bin/python -m pytest -q -m "slow or distributed"
+	.venv/bin/python -m pytest -q -m "slow or distributed" --durations=10
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -n 2 -m "not slow and not distributed"
