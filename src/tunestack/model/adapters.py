@@ -20,15 +20,21 @@ from tunestack.errors import ModelError
 logger = logging.getLogger(__name__)
 
 
-def adapter_task_type(adapter_dir: Path) -> str | None:
-    """The PEFT task type of an adapter folder (CAUSAL_LM, SEQ_CLS ...); None when it holds no adapter."""
+def adapter_config(adapter_dir: Path) -> dict[str, Any] | None:
+    """The adapter_config.json of an adapter folder; None when it holds no adapter, ModelError when unreadable."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text()).get("task_type")
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: cannot read ({exc})") from None
+
+
+def adapter_task_type(adapter_dir: Path) -> str | None:
+    """The PEFT task type of an adapter folder (CAUSAL_LM, SEQ_CLS ...); None when it holds no adapter."""
+    config = adapter_config(adapter_dir)
+    return None if config is None else config.get("task_type")
 
 
 def _base_layer(module: Any) -> Any:
@@ -126,14 +132,11 @@ def _plain_lora_layers(model: Any, adapter_dir: Path) -> tuple[list[tuple[Any, A
     that starts from a stack. Merged here directly, with the same operations, the weights are the same bits."""
     import torch
 
-    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if hasattr(model, "peft_config") or not config_path.exists() or not weights_path.exists():
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    if hasattr(model, "peft_config") or not weights_path.exists():
         return None
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none":
+    config = adapter_config(adapter_dir)
+    if config is None or config.get("peft_type") != "LORA" or config.get("bias", "none") != "none":
         return None
     if any(value for key, value in config.items() if key not in _PLAIN_LORA_KEYS):
         return None

@@ -62,9 +62,9 @@ def is_complete_model_folder(folder: Path) -> bool:
 
 @contextmanager
 def gguf_parsed_once() -> Iterator[None]:
-    """transformers parses the GGUF file anew for the config, the tokenizer and the weights, and rebuilds gguf's
-    tensor-name table once per tensor: 20 of the 24 s SmolLM2's conversion took. Both are pure functions of their
-    arguments, so for the conversion each GGUF file is parsed once and each table built once."""
+    """While a GGUF model loads: transformers parses the file anew for the config, the tokenizer and the weights,
+    and rebuilds gguf's tensor-name table once per tensor (20 of the 24 s SmolLM2's conversion took). Both are pure
+    functions of their arguments, so inside the block each GGUF file is parsed once and each table built once."""
     import gguf
 
     reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
