@@ -218,6 +218,47 @@ def test_varlen_attention_leaves_padded_batches_and_generation_to_sdpa(tiny_mode
             assert torch.equal(model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=2), greedy)
 
 
+def test_segments_read_samples_and_branches_from_position_ids():
+    from tunestack.train.fast.varlen import segments
+
+    # A sample of 5 tokens, a branch continuing its first 2, a sample of 2, a branch continuing its first 1.
+    runs = segments(torch.tensor([0, 1, 2, 3, 4, 2, 3, 0, 1, 1, 2]))
+    assert runs == [(0, 5, 0, 0), (5, 7, 0, 2), (7, 9, 7, 0), (9, 11, 7, 1)]
+    assert segments(torch.tensor([1, 2, 3])) is None  # does not start a sample
+    assert segments(torch.tensor([0, 1, 3, 4])) is None  # continues more tokens than the sample has
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
+def test_a_branch_attends_to_its_prompt_as_if_run_alone(tiny_models, family):
+    """Two answers to one prompt packed as prompt + answer 1 + answer 2 (positions continuing the prompt), then a
+    second sample: each answer's logits and gradients equal those of prompt + answer run on their own."""
+    from tunestack.train.fast.varlen import shares_prompts, varlen_attention
+
+    model = _lora(tiny_models[family])
+    prompt, first, second, other = [1, 5, 9, 14], [22, 7, 2], [30, 31], [1, 40, 41, 2]
+    ids = torch.tensor([prompt + first + second + other])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 4, 5, 0, 1, 2, 3]])
+    weights = torch.linspace(-1, 1, ids.shape[1])
+    assert not shares_prompts(model)
+    with varlen_attention(model):
+        assert shares_prompts(model)
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        (packed.sum(-1) * weights).sum().backward()
+    got = _grads(model)
+    model.zero_grad()
+    alone = [
+        model(input_ids=torch.tensor([seq]), use_cache=False).logits[0]
+        for seq in (prompt + first, prompt + second, other)
+    ]
+    expected_weights = [weights[:7], torch.cat([torch.zeros(4), weights[7:9]]), weights[9:]]
+    sum((a.sum(-1) * w).sum() for a, w in zip(alone, expected_weights, strict=True)).backward()
+    assert torch.allclose(packed[:7], alone[0], atol=1e-5)
+    assert torch.allclose(packed[7:9], alone[1][4:], atol=1e-5)
+    assert torch.allclose(packed[9:], alone[2], atol=1e-5)
+    for name, grad in _grads(model).items():
+        assert torch.allclose(got[name], grad, atol=1e-5, rtol=1e-4), name
+
+
 def test_document_positions_restart_after_each_eos():
     ids = torch.tensor([[5, 6, 2, 7, 8, 9, 2, 4]])
     assert document_position_ids(ids, eos_id=2).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]

@@ -65,6 +65,56 @@ def test_packed_logps_equal_trls_fused_head_at_the_sampling_temperature(tiny_mod
         assert torch.allclose(got[2][name], grad, atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
+@pytest.mark.parametrize("layout", ["grpo-shuffled", "dpo"])
+def test_rows_with_one_prompt_score_it_once_under_per_sample_attention(tiny_models, family, layout):
+    """Under varlen attention the completions of one prompt share its tokens in the packed row: GRPO's groups
+    (here in TRL's shuffled order, the rows of one prompt apart) and DPO's chosen and rejected rows (prompt and
+    answer flush left, right-padded). The log-probs and gradients are TRL's fused head's; the decoder runs each
+    prompt once."""
+    from tunestack.train.fast.varlen import varlen_attention
+
+    if layout == "dpo":
+        rows = [[1, 5, 9, 7, 8, 2], [1, 30, 31, 12, 13], [1, 5, 9, 3, 2], [1, 30, 31, 22, 23, 24, 2]]
+        prompt_lengths = [3, 3, 3, 3]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        labels = ids.masked_fill(mask == 0, -100)
+        for i, n in enumerate(prompt_lengths):
+            labels[i, :n] = -100
+    else:
+        ids, mask, labels, _ = _grpo_batch()
+        order = torch.tensor([0, 2, 1, 3])  # rows 0 and 1 answer the first prompt
+        ids, mask, labels = ids[order], mask[order], labels[order]
+    scored = labels[:, 1:] != -100
+    weights = torch.linspace(-1, 1, scored.numel()).view_as(scored)
+
+    def run(model):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        (out.log_probs * weights * scored).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out.log_probs.detach(), grads
+
+    model = _lora_model(tiny_models[family], temperature=1.0)
+    expected = run(model)
+    assert use_packed_logps(model, temperature=1.0)
+    seen = []
+    decoder = model.get_base_model().get_decoder()
+    decoder.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape[1]), with_kwargs=True)
+    with varlen_attention(model):
+        got = run(model)
+    real = [(ids[r][mask[r].bool()], labels[r][mask[r].bool()] != -100) for r in range(4)]
+    prompts = {tuple(row[: int(lab.nonzero()[0])].tolist()) for row, lab in real}
+    shared = sum(map(len, prompts)) + sum(int(lab.sum()) for _, lab in real)  # each prompt once, then the answers
+    assert seen == [shared] and shared < int(mask.sum())
+    assert torch.allclose(got[0][scored], expected[0][scored], atol=1e-5)
+    assert (got[0][~scored] == 0).all()
+    for name, grad in expected[1].items():
+        assert torch.allclose(got[1][name], grad, atol=1e-6, rtol=1e-4), name
+
+
 def test_packed_logps_change_with_the_temperature(tiny_model):
     """The temperature divides the logits: 0.7 and 1.0 give different log-probs."""
     ids, mask, labels, completion_mask = _grpo_batch()

@@ -6,8 +6,10 @@ every position of the padded batch, prompts and padding included. Here the same 
 tokens of all rows into one row (positions restart per row, so attention stays inside each sequence),
 runs the decoder once, applies the output layer in chunks (gradients taken as each chunk is computed)
 only to the positions whose next token is a scored completion token, and scatters the results back
-into the padded layout TRL expects. Same values and gradients (tests/unit/test_packed_logps.py);
-`--padding_free false` or `--sparse_lm_head false` keep TRL's path.
+into the padded layout TRL expects. Under per-sample attention (varlen.py) rows that answer the same prompt,
+a DPO pair or a GRPO group, pack that prompt once and their answers as branches of it. Same values and gradients
+(tests/unit/test_packed_logps.py, test_packed_rl.py); `--padding_free false` or `--sparse_lm_head false` keep
+TRL's path, `--varlen_attention false` the whole prompt in every row.
 
 A model's own code (trust_remote_code) may return its backbone output in a layout of its own (ChatGLM's is
 sequence-first), which TRL's fused head would read as batch-first: for those, `use_logits_logps` answers the
@@ -30,6 +32,7 @@ from tunestack.train.fast.efficient import (
     plain_linear_head,
     supports_trained_positions,
 )
+from tunestack.train.fast.varlen import shares_prompts
 
 MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache"}
 
@@ -110,6 +113,66 @@ def chunked_logprobs(
     return torch.cat(parts, dim=1) if parts else hidden.new_zeros(len(STATS), 0, dtype=torch.float32)
 
 
+def _layout(
+    input_ids: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, share: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed row of a padded batch: the flat index of each packed token, its position id, and for every scored
+    label the packed token whose hidden state predicts it and the label's flat index. With `share`, rows whose
+    prompts (the real tokens before the first label) are the same token for token send that prompt once: the first
+    such row packs whole, the others only their tokens from the first label on, as a branch whose positions
+    continue the prompt's (varlen.segments), the prompt's last token predicting each branch's first label."""
+    if share:
+        grouped = _prompt_groups(input_ids, keep, labels)
+        if any(len(rows) > 1 for rows, _ in grouped):
+            return _shared_layout(keep, labels, grouped)
+    flat, positions = packed_positions(keep)
+    label = labels.reshape(-1)[flat]
+    # Packed token k predicts the label of token k + 1, unless token k + 1 starts the next row.
+    source = ((positions[1:] != 0) & (label[1:] != IGNORE_INDEX)).nonzero().squeeze(1)
+    return flat, positions, source, flat[source + 1]
+
+
+def _prompt_groups(input_ids: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor) -> list[tuple[list[int], int]]:
+    """Rows with the same prompt, in the order of their first row, with the prompt's length in tokens."""
+    groups: dict[Any, tuple[list[int], int]] = {}
+    labelled = (labels != IGNORE_INDEX) & keep
+    for r in range(input_ids.shape[0]):
+        real = keep[r].nonzero().squeeze(1)
+        first = labelled[r, real].nonzero()
+        prompt = len(first) and int(first[0])
+        # A row without a prompt or without labels shares nothing.
+        key = tuple(input_ids[r, real[:prompt]].tolist()) if 0 < prompt < len(real) else ("row", r)
+        groups.setdefault(key, ([], prompt))[0].append(r)
+    return list(groups.values())
+
+
+def _shared_layout(
+    keep: torch.Tensor, labels: torch.Tensor, grouped: list[tuple[list[int], int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = keep.shape[1]
+    flats, positions, sources, dests = [], [], [], []
+    packed = 0
+    for rows, prompt in grouped:
+        trunk_last = packed + prompt - 1
+        for i, r in enumerate(rows):
+            cols = keep[r].nonzero().squeeze(1)
+            own = cols if i == 0 else cols[prompt:]  # the first row packs its prompt, the others continue it
+            start = 0 if i == 0 else prompt
+            flats.append(r * width + own)
+            positions.append(torch.arange(start, start + len(own), device=keep.device))
+            # Each token of the row and the packed token before it in the row's own sequence.
+            before = torch.arange(packed - 1, packed + len(own) - 1, device=keep.device)
+            if i > 0:
+                before[0] = trunk_last
+            scored = labels[r, own] != IGNORE_INDEX
+            if i == 0 and len(own):
+                scored[0] = False  # a row's first token has no token before it
+            sources.append(before[scored])
+            dests.append(r * width + own[scored])
+            packed += len(own)
+    return torch.cat(flats), torch.cat(positions), torch.cat(sources), torch.cat(dests)
+
+
 def packed_completion_logps(
     model: Any,
     input_ids: torch.Tensor,
@@ -118,23 +181,19 @@ def packed_completion_logps(
     temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """{stat: [rows, width - 1]} for STATS: entry (r, j) is about labels[r, j + 1]; 0 where that label is -100.
-    The statistics are those of logits / temperature."""
+    The statistics are those of logits / temperature. Under per-sample attention (varlen.py) rows with the same
+    prompt run it once (`_layout`)."""
     rows, width = input_ids.shape
     keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    flat, positions = packed_positions(keep)
-    ids = input_ids.reshape(-1)[flat]
-    # The target of packed token k is the label of token k + 1, unless token k + 1 starts the next row.
-    label = labels.reshape(-1)[flat]
-    target = torch.full_like(label, IGNORE_INDEX)
-    target[:-1] = torch.where(positions[1:] == 0, IGNORE_INDEX, label[1:])
+    flat, positions, source, dest = _layout(input_ids, keep, labels, shares_prompts(model))
     base = hf_model(model)
+    ids = input_ids.reshape(-1)[flat]
     hidden = base.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state
-    scored = (target != IGNORE_INDEX).nonzero().squeeze(1)
-    values = chunked_logprobs(hidden[0, scored], target[scored], base.get_output_embeddings(), temperature=temperature)
-    where = (flat[scored + 1],)  # back to the padded position of the scored token
+    targets = labels.reshape(-1)[dest]
+    values = chunked_logprobs(hidden[0, source], targets, base.get_output_embeddings(), temperature=temperature)
     out = {}
     for name, value in zip(STATS, values, strict=True):
-        padded = hidden.new_zeros(rows * width, dtype=torch.float32).index_put(where, value)
+        padded = hidden.new_zeros(rows * width, dtype=torch.float32).index_put((dest,), value)
         out[name] = padded.view(rows, width)[:, 1:]
     out["is_top1"] = out["is_top1"].bool()
     return out

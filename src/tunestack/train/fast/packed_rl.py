@@ -6,8 +6,9 @@ adapter switched off) and, in RLOO, of the old policy through `model(..., labels
 batch whose prompts are left-padded and completions right-padded. On a CPU TRL's fused head scores every position
 of that batch, prompt and padding included, and its backward computes the head a second time. `PackedRLMixin`
 routes those calls through `packed_logps.packed_completion_logps` at the trainer's sampling temperature: the real
-tokens of all rows as one packed row, the head only where a completion token is scored, the hidden states' gradient
-taken while each chunk's logits exist (tests/unit/test_packed_rl.py: TRL's values and gradients).
+tokens of all rows as one packed row, each group's prompt once with its completions as branches of it (under
+per-sample attention), the head only where a completion token is scored, the hidden states' gradient taken while
+each chunk's logits exist (tests/unit/test_packed_rl.py: TRL's values and gradients).
 
 `OnePolicyPassMixin` (RLOO): right after generation RLOO runs the policy without gradients for the old log-probs
 (the KL penalty of the reward and the ratio's denominator), and the training step runs the same policy on the same
