@@ -163,6 +163,9 @@ def useful_flops(r: dict[str, Any], config: dict[str, Any]) -> float:
     """(6 + 2) x parameters x tokens: policy forward+backward and the reference forward, on chosen and rejected:
 
     FLOPs = 8 * N_body * T_real + 8 * N_head * T_completion  (see sft_throughput.useful_flops for N_body, N_head)
+
+    T_real counts each pair's prompt twice, as a system that runs chosen and rejected rows apart computes it; one
+    that runs the shared prompt once (tunestack) does less work than this, so its fraction can pass 100%.
     """
     n_head = config["vocab_size"] * config["hidden_size"]
     n_body = r["params_total"] - n_head - (0 if config.get("tie_word_embeddings", False) else n_head)

@@ -99,6 +99,14 @@ def test_reference_problems_are_model_errors(tiny_model: Path, tmp_path: Path) -
     (tmp_path / "x.bin").write_bytes(b"")
     with pytest.raises(ModelError, match="a model file must be .gguf"):
         resolve_model(str(tmp_path / "x.bin"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"broken/adapter_config.json: cannot read"):
+        resolve_model(str(broken))
+    (broken / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="adapter without a base model"):
+        resolve_model(str(broken))
 
 
 # ---------------------------------------------------------------------------------------------------- run folder

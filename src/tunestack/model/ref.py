@@ -7,7 +7,6 @@ bare PEFT adapter folder, or a model already in the local Hugging Face cache. No
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunestack.errors import ModelError
+from tunestack.model.adapters import adapter_config
 from tunestack.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir
 from tunestack.rundir import read_run_manifest
 
@@ -104,8 +104,7 @@ def resolve_model(reference: str | None, _seen: tuple[str, ...] = ()) -> ModelRe
 
 
 def _adapter_base(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
+    base = (adapter_config(adapter_dir) or {}).get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{adapter_dir}: adapter without a base model; pass the base with --model_name_or_path")
     return base
