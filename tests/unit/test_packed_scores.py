@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -30,7 +32,11 @@ def _scores_and_grads(model, ids, mask):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_packed_scores_equal_padded_scores(tiny_models, family, monkeypatch):
+@pytest.mark.parametrize("varlen_on", [False, True], ids=["mask", "varlen"])
+def test_packed_scores_equal_padded_scores(tiny_models, family, varlen_on):
+    """Under per-sample attention a rejected row runs from where it leaves its chosen row: 18 tokens, not 24."""
+    from tunestack.train.fast.varlen import varlen_attention
+
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models[family], num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = 2
@@ -52,9 +58,12 @@ def test_packed_scores_equal_padded_scores(tiny_models, family, monkeypatch):
         widths.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
 
     handle = backbone.register_forward_pre_hook(record, with_kwargs=True)
-    scores, grads = _scores_and_grads(model, ids, mask)
+    with varlen_attention(model) if varlen_on else contextlib.nullcontext():
+        scores, grads = _scores_and_grads(model, ids, mask)
     handle.remove()
-    assert widths == [(1, sum(map(len, ROWS)))], "the decoder should run once on the packed real tokens"
+    # Pairs (0, 2) and (1, 3) share their first 3 tokens.
+    packed = sum(map(len, ROWS)) - (6 if varlen_on else 0)
+    assert widths == [(1, packed)], "the decoder should run once on the packed real tokens"
     assert torch.allclose(scores, expected, atol=1e-5)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():

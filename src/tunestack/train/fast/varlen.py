@@ -9,8 +9,8 @@ kernels apply (flash-attention-style on CPU too). Exact: the same scores and sof
 
 Shared prompts: within a sample, a position id that drops back to q > 0 starts a branch that continues the
 sample's first q tokens, as if the tokens between were not there: it attends to those q tokens and causally to
-itself (`segments`). Completions of one prompt (GRPO's group, DPO's chosen and rejected) then score the prompt
-once (packed_logps.py). Only this implementation reads position ids that way: `shares_prompts` says when a model
+itself (`segments`). Completions of one prompt (GRPO's group, DPO's and the RM's chosen and rejected) then run
+the prompt once (packed_logps.py, packed_scores.py). Only this implementation reads position ids that way: `shares_prompts` says when a model
 runs it on every layer.
 
 It is installed as an attention implementation (`tunestack_varlen`) only around the training and
