@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from preference_sets import padded_pairs
 from transformers import AutoModelForCausalLM
 
 from tunestack.train.fast.packed_logps import use_packed_logps
@@ -15,13 +16,7 @@ PROMPT = [3, 3, 3, 3]
 
 
 def _batch():
-    width = max(map(len, ROWS))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in ROWS])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ROWS])
-    labels = ids.masked_fill(mask == 0, -100)
-    for i, n in enumerate(PROMPT):
-        labels[i, :n] = -100
-    return ids, mask, labels
+    return padded_pairs(ROWS, PROMPT)
 
 
 def _model(model_dir, lora=True):

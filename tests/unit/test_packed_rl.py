@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from preference_sets import padded_pairs
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from tunestack.train.fast import packed_logps
@@ -76,13 +77,7 @@ def test_rows_with_one_prompt_score_it_once_under_per_sample_attention(tiny_mode
 
     if layout == "dpo":
         rows = [[1, 5, 9, 7, 8, 2], [1, 30, 31, 12, 13], [1, 5, 9, 3, 2], [1, 30, 31, 22, 23, 24, 2]]
-        prompt_lengths = [3, 3, 3, 3]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        labels = ids.masked_fill(mask == 0, -100)
-        for i, n in enumerate(prompt_lengths):
-            labels[i, :n] = -100
+        ids, mask, labels = padded_pairs(rows, [3, 3, 3, 3])
     else:
         ids, mask, labels, _ = _grpo_batch()
         order = torch.tensor([0, 2, 1, 3])  # rows 0 and 1 answer the first prompt
