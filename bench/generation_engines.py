@@ -14,12 +14,17 @@ order:
                   `use_transformers_paged` runs
   (d) merged      (a) with the adapter merged into the base weights for the call (PEFT's merge_adapter, then
                   unmerge_adapter): the weights a weight-syncing engine such as vLLM samples from
+  (e) packed      (a) on oneDNN-prepacked linear layers, the adapter merged into the packed copies (packing
+                  included in each call's time): what tunestack's RL stages and chat/serve run on a CPU
+                  (tunestack.model.packed_linear)
 
 Generated tokens/s = tokens up to and including each row's end of turn ÷ the call's seconds (the best of --repeats
 calls after one warm-up call; model loading excluded).
 
-    python bench/generation_engines.py                    # 8 prompts x 4, 64 tokens, a b c d
-    python bench/generation_engines.py --systems ad --prompts 2 --max_new_tokens 16   # a quick check
+    python bench/generation_engines.py                    # 8 prompts x 4, 64 tokens, a b c d e
+    python bench/generation_engines.py --systems ae --prompts 2 --max_new_tokens 16   # a quick check
+
+Every engine samples with the same seed; "same samples" says whether its tokens equal (a)'s.
 
 Not a test: numbers depend on the machine; compare ratios from one run.
 """
@@ -27,6 +32,7 @@ Not a test: numbers depend on the machine; compare ratios from one run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -37,7 +43,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 import common  # noqa: E402  (bench/common.py: subprocess runner, load average)
 
-SYSTEMS = {"a": "generate", "b": "static", "c": "continuous", "d": "merged"}
+SYSTEMS = {"a": "generate", "b": "static", "c": "continuous", "d": "merged", "e": "packed"}
 PROMPTS = HERE.parent.parent / "examples" / "demo" / "rl" / "prompts.jsonl"
 
 
@@ -45,6 +51,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tunestack.model.packed_linear import packed_linears
 
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -82,26 +90,36 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         return row.index(stop) + 1 if stop in row else len(row)
 
     @torch.no_grad()
-    def sample() -> int:
+    def sample() -> list[list[int]]:
+        torch.manual_seed(spec["seed"])
         if engine == "continuous":
             out = model.generate_batch(inputs=encoded, generation_config=config, progress_bar=False)
-            return sum(kept(list(r.generated_tokens)) for r in out.values())
+            return [list(r.generated_tokens) for r in out.values()]
         if engine == "merged":
             model.merge_adapter()
         try:
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            with packed_linears(model, engine == "packed"):
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         finally:
             if engine == "merged":
                 model.unmerge_adapter()
-        return sum(kept(row) for row in out[:, width:].tolist())
+        return out[:, width:].tolist()
 
     sample()  # warm-up: first-call allocations, the static cache's setup
-    seconds, tokens = [], 0
+    seconds, rows = [], []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
-        tokens = sample()
+        rows = sample()
         seconds.append(time.perf_counter() - start)
-    return {"rows": len(encoded), "tokens": tokens, "seconds": seconds, "tok_s": tokens / min(seconds)}
+    tokens = sum(kept(row) for row in rows)
+    samples = hashlib.sha256(json.dumps([row[: kept(row)] for row in rows]).encode()).hexdigest()
+    return {
+        "rows": len(encoded),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_s": tokens / min(seconds),
+        "samples": samples,
+    }
 
 
 CHILDREN = {"sample": _child}
@@ -128,11 +146,15 @@ def run_bench(args: argparse.Namespace, model: str, work: Path) -> list[dict[str
             f"  {row['tok_s']:.1f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB",
             flush=True,
         )
-    base = common.median([r for r in rows if r["system"] == args.systems[0]], "tok_s")
+    first = [r for r in rows if r["system"] == args.systems[0]]
+    base = common.median(first, "tok_s")
     print(f"\ngenerated tokens/s, median over rounds, against ({args.systems[0]}):")
     for key in args.systems:
-        mine = common.median([r for r in rows if r["system"] == key], "tok_s")
-        print(f"  ({key}) {SYSTEMS[key]:<10} {mine:7.1f} tok/s  x{mine / base:.2f}")
+        mine = [r for r in rows if r["system"] == key]
+        same = "same samples" if mine[0]["samples"] == first[0]["samples"] else "other samples"
+        print(
+            f"  ({key}) {SYSTEMS[key]:<10} {common.median(mine, 'tok_s'):7.1f} tok/s  x{common.median(mine, 'tok_s') / base:.2f}  {same}"
+        )
     return rows
 
 
@@ -140,7 +162,7 @@ def main() -> None:
     if common.child_entry(CHILDREN):
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", default="abcd", help="which of a b c d to run (the first is the baseline)")
+    parser.add_argument("--systems", default="abcde", help="which of a b c d e to run (the first is the baseline)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64)

@@ -102,8 +102,9 @@ def _loop(model_dir: Path, packed: bool, reward):
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
     template = get_template(None, tok)
     settings = PPOSettings(
-        batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, learning_rate=1e-3, packed=packed
-    )
+        batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, learning_rate=1e-3, packed=packed,
+        packed_sampling=packed,
+    )  # fmt: skip
     loop = PPOLoop(
         model, tok, PromptEncoder(tok, template, 64), reward, stop_token_ids(template, tok), settings, Path(".")
     )
@@ -126,8 +127,9 @@ def _loop(model_dir: Path, packed: bool, reward):
 
 
 def test_a_packed_ppo_step_equals_the_padded_step(tiny_model, monkeypatch):
-    """Two PPO steps from the same start: the same rollouts, statistics and gradients of every update; the packed
-    loop runs the policy once less per step (the first update reuses the old-policy pass)."""
+    """Two PPO steps from the same start: the same rollouts (sampled on packed linear layers or not), statistics and
+    gradients of every update; the packed loop runs the policy once less per step (the first update reuses the
+    old-policy pass)."""
     from tunestack.data.formats import Message
     from tunestack.data.prompts import Prompt
 
@@ -137,14 +139,24 @@ def test_a_packed_ppo_step_equals_the_padded_step(tiny_model, monkeypatch):
     def reward(prompts, completions, **kw):
         return [float(c.count("a")) - 0.1 * len(c) for c in completions]
 
-    results = {}
+    from tunestack.model.packed_linear import _PackedForward
+
+    results, sampled = {}, {False: 0, True: 0}
+    packed_call = _PackedForward.__call__
     for packed in (False, True):
         loop, grads, calls, counting = _loop(tiny_model, packed, reward)
         monkeypatch.setattr(PolicyWithValue, "forward", counting)
+
+        def counting_packed(self, x, packed=packed):
+            sampled[packed] += 1
+            return packed_call(self, x)
+
+        monkeypatch.setattr(_PackedForward, "__call__", counting_packed)
         torch.manual_seed(1)
         logs = [loop.train_step(prompts) for _ in range(2)]
         results[packed] = (logs, grads, calls["policy"], loop.last_rollout)
         monkeypatch.undo()
+    assert sampled[False] == 0 and sampled[True] > 0
     (plain_logs, plain_grads, plain_calls, plain_r), (logs, grads, calls, r) = results[False], results[True]
     assert torch.equal(r.input_ids, plain_r.input_ids)  # the same answers were sampled
     for got, expected in zip(logs, plain_logs, strict=True):

@@ -4,7 +4,8 @@
 MedicalGPT's --base_model + --lora_model) into a model with its adapters merged in memory, its tokenizer,
 its stop ids and sampling defaults (tunestack.infer.decoding). Prompts are rendered with the tokenizer's
 chat template (or --template_name), tokenized the way training tokenizes them, and generated in
-left-padded batches, optionally streamed token by token.
+left-padded batches, optionally streamed token by token. On a CPU the linear layers decode on oneDNN-prepacked
+copies of their weights, made at the first answer and kept (tunestack.model.packed_linear).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tunestack.errors import ConfigError
 from tunestack.infer.decoding import Sampling, resolve_sampling, sampling_defaults, stop_token_ids
 from tunestack.model.anatomy import untokenizable_ids
 from tunestack.model.load import load_model, load_tokenizer
+from tunestack.model.packed_linear import PackedLinears
 from tunestack.model.ref import resolve_stack, training_system_prompt
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class ChatModel:
         self._tools_template: Any = None
         self._call_format: Any = None
         self.unused_ids = untokenizable_ids(model, tokenizer)  # output rows no token decodes to
+        self.packed = PackedLinears(model)  # on a CPU: decoding on prepacked weights, packed at the first answer
 
     @classmethod
     def load(cls, selection: ModelSelection) -> ChatModel:
@@ -270,7 +273,7 @@ class ChatModel:
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         device = next(self.model.parameters()).device
-        with torch.inference_mode():
+        with torch.inference_mode(), self.packed():
             out = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),

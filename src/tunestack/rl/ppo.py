@@ -65,6 +65,7 @@ class PPOSettings:
     seed: int = 42
     packed: bool = True  # packed rows and the output layer at response tokens only (rl/scoring.py)
     varlen_attention: bool = True  # per-sample attention on those rows
+    packed_sampling: bool = True  # rollouts through oneDNN's prepacked linear layers on a CPU (model/packed_linear.py)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from tunestack.model.packed_linear import packed_linears
 from tunestack.train.fast.packed_logps import use_packed_logps
 from tunestack.train.fast.varlen import varlen_attention
 
@@ -51,11 +52,23 @@ class VarlenScoringMixin:
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
 
+class PackedSamplingMixin:
+    """Generation through oneDNN's prepacked linear layers on a CPU, the adapter merged into them
+    (tunestack.model.packed_linear)."""
+
+    def _generate_single_turn(self, *args: Any, **kwargs: Any):
+        with packed_linears(self.accelerator.unwrap_model(self.model)):
+            return super()._generate_single_turn(*args, **kwargs)
+
+
 def packed_rl_mixins(train_args: Any, algo: str, head_outside: bool = True) -> tuple[type, ...]:
-    """The fast paths of a GRPO / RLOO run: RLOO's single policy pass, packed scoring unless --padding_free false
-    or --sparse_lm_head false (or the output layer may not run outside the forward: `head_outside`, see
-    train.fast.head_outside_forward), and per-sample attention on those rows unless --varlen_attention false."""
+    """The fast paths of a GRPO / RLOO run: RLOO's single policy pass, sampling on packed linear layers unless
+    --packed_sampling false, packed scoring unless --padding_free false or --sparse_lm_head false (or the output
+    layer may not run outside the forward: `head_outside`, see train.fast.head_outside_forward), and per-sample
+    attention on those rows unless --varlen_attention false."""
     mixins: tuple[type, ...] = (OnePolicyPassMixin,) if algo == "rloo" else ()
+    if train_args.packed_sampling:
+        mixins += (PackedSamplingMixin,)
     if train_args.padding_free and train_args.sparse_lm_head and head_outside:
         mixins += (PackedRLMixin,)
         if train_args.varlen_attention:

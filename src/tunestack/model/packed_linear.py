@@ -1,0 +1,201 @@
+"""Linear layers through oneDNN's prepacked kernel on a CPU, for sampling.
+
+Decoding multiplies a few rows by every weight matrix of the model, so each step reads all the weights and does
+little with them. On a CPU, nn.Linear's matmul reaches a fraction of the memory bandwidth in that shape, while
+oneDNN's linear on a weight reordered once for it (its prepacked form, the one torch.compile's CPU backend uses)
+runs the same products 1.5-2.6x faster at every row count measured, 1 to 1024 (bench/generation_engines.py).
+
+`PackedLinears(model)()` is a `with` block in which every float32 `nn.Linear` of the model runs on a packed
+copy of its weight, and every plain LoRA layer of peft's (adapters active and not merged, no DoRA or other
+variant, dropout off) runs as one linear on a packed copy of its merged weight W + scale·B·A, so the adapter
+costs nothing per token. The model's own weights are never written.
+
+The products differ from the plain ones by float rounding (about 1e-6 relative): samples come from the same
+distribution, and nothing that trains reads these logits (the RL stages score their samples in their own
+passes). A copy is packed again when any weight it was made from changed (PyTorch's version counter), so a
+policy sampled again after an optimizer step samples from its new weights. `keep=False` drops the copies after
+each block (RL, where the next block re-packs them anyway); with `keep=True` they stay for the next block
+(inference, whose weights do not change). Copies are made only while they fit in a quarter of the memory
+available, and not at all off a CPU or without oneDNN: then the block changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# The row count the weight layout is chosen for; measured to change nothing between 1 and 512 rows.
+_PACK_ROWS = 8
+Key = tuple[Any, ...]  # what a packed copy was made from: each tensor's identity and version, LoRA scalings
+
+
+def available(model: nn.Module) -> bool:
+    """Whether the packed kernel can serve this model: on a CPU with oneDNN."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    param = next(model.parameters(), None)
+    return param is not None and param.device.type == "cpu"
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """A whole float32 weight in this process: not a ZeRO-3 placeholder, an FSDP shard or a quantized one."""
+    return (
+        weight.dtype == torch.float32 and weight.numel() > 0 and type(weight.data) is torch.Tensor
+        and not hasattr(weight, "ds_id")
+    )  # fmt: skip
+
+
+def _tensor_key(*tensors: torch.Tensor) -> Key:
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
+@dataclass
+class _Target:
+    """A layer that runs packed: its weight (made on demand), bias, and what the weight is made from."""
+
+    module: nn.Module
+    weight: Callable[[], torch.Tensor]
+    bias: torch.Tensor | None
+    key: Key
+    nbytes: int
+
+
+def _dropout_on(layer: nn.Module, adapter: str) -> bool:
+    dropout = layer.lora_dropout[adapter] if adapter in layer.lora_dropout else None
+    return layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+
+
+def _lora_target(layer: nn.Module) -> _Target | None:
+    """A plain, active, unmerged peft LoRA layer on its merged weight; None for any other layer, which then keeps
+    its own forward (its base layer can still run packed)."""
+    base = getattr(layer, "base_layer", None)
+    adapters_a = getattr(layer, "lora_A", None)
+    if type(base) is not nn.Linear or not isinstance(adapters_a, nn.ModuleDict) or not _plain(base.weight):
+        return None
+    if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
+        return None
+    active = [a for a in layer.active_adapters if a in adapters_a]
+    variants = getattr(layer, "lora_variant", {}) or {}
+    if not active or any(a in variants or getattr(layer, "use_dora", {}).get(a) for a in active):
+        return None
+    if any(_dropout_on(layer, a) for a in active):
+        return None
+    parts = [base.weight, *(t for a in active for t in (adapters_a[a].weight, layer.lora_B[a].weight))]
+    # Scaling changes without touching a tensor (set_scale), so it is part of what the copy depends on.
+    key = (*_tensor_key(*parts), *(float(layer.scaling[a]) for a in active))
+
+    def merged() -> torch.Tensor:
+        weight = base.weight.detach().clone()
+        for a in active:
+            weight += layer.get_delta_weight(a).to(weight.dtype)
+        return weight
+
+    return _Target(layer, merged, base.bias, key, base.weight.nbytes)
+
+
+def _targets(model: nn.Module) -> Iterator[_Target]:
+    """Every layer of the model that runs packed."""
+    covered: set[int] = set()
+    for module in model.modules():
+        for holder in ("lora_A", "lora_B"):  # an adapter's own factors run inside their layer, or not at all
+            if isinstance(getattr(module, holder, None), nn.ModuleDict):
+                covered.update(id(m) for m in getattr(module, holder).modules())
+        target = _lora_target(module)
+        if target is not None:
+            covered.add(id(module.base_layer))
+            yield target
+    for module in model.modules():
+        if type(module) is nn.Linear and id(module) not in covered and _plain(module.weight):
+            if not hasattr(module, "_hf_hook"):  # accelerate's hooks wrap forward themselves
+                weight = module.weight
+                yield _Target(module, weight.detach, module.bias, _tensor_key(weight), weight.nbytes)
+
+
+class _PackedForward:
+    """A module's forward on a packed weight; the module's own forward where the packed kernel does not apply:
+    while gradients are recorded (the kernel has no backward), or on an input that is not float32."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, own: Callable[..., torch.Tensor]):
+        self.packed, self.bias, self.own = packed, bias, own
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or torch.is_grad_enabled() or x.dtype != torch.float32:
+            return self.own(x, *args, **kwargs)
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class PackedLinears:
+    """Packed copies of a model's linear weights, swapped in for the duration of a `with` block (see the module
+    docstring). `keep` holds the copies between blocks."""
+
+    def __init__(self, model: nn.Module, keep: bool = True):
+        self.model = model
+        self.keep = keep
+        self._copies: dict[int, tuple[Key, torch.Tensor]] = {}
+        self._enabled = available(model)
+        self._warned = False
+
+    def _fits(self, targets: list[_Target]) -> bool:
+        needed = sum(t.nbytes for t in targets if id(t.module) not in self._copies)
+        if needed <= _available_bytes() // 4:
+            return True
+        if not self._warned:
+            logger.info("sampling without packed weights: %.0f MB of copies would not fit", needed / 2**20)
+            self._warned = True
+        return False
+
+    def _packed(self, target: _Target) -> torch.Tensor:
+        held = self._copies.get(id(target.module))
+        if held is not None and held[0] == target.key:
+            return held[1]
+        packed = torch.ops.mkldnn._reorder_linear_weight(target.weight().contiguous(), _PACK_ROWS)
+        self._copies[id(target.module)] = (target.key, packed)
+        return packed
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        targets = list(_targets(self.model)) if self._enabled else []
+        if not targets or not self._fits(targets):
+            yield
+            return
+        swapped: list[nn.Module] = []
+        try:
+            with torch.no_grad():
+                for target in targets:
+                    module = target.module
+                    module.forward = _PackedForward(
+                        self._packed(target), target.bias, type(module).forward.__get__(module)
+                    )
+                    swapped.append(module)
+            yield
+        finally:
+            for module in swapped:
+                module.__dict__.pop("forward", None)
+            if not self.keep:
+                self._copies.clear()
+
+
+def packed_linears(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """One block on copies packed for it and dropped after it (a policy that trains between blocks)."""
+    return PackedLinears(model, keep=False)() if enabled else contextlib.nullcontext()
