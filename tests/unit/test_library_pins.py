@@ -70,13 +70,20 @@ def test_library_internals_tunestack_calls_still_exist() -> None:
     fields = set(FusedCausalLMOutput.__dataclass_fields__)
     assert {"loss", "log_probs", "label_mask"} <= fields  # what packed DPO log-probs return to TRL
     assert _params(disable_dropout_in_model) == ["model"]
+    # model/packed_linear.py: oneDNN's prepacked linear, as torch.compile's CPU backend calls it.
+    if torch.backends.mkldnn.is_available():
+        w, x = torch.randn(6, 4), torch.randn(3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        assert torch.allclose(out, x @ w.t(), atol=1e-5)
 
 
 def test_grpo_and_rloo_internals_the_fast_paths_rely_on() -> None:
     """train/fast/packed_rl.py overrides `_get_per_token_logps_and_entropies` (its named parameters, the rest
-    multimodal inputs that default to None), RLOO's `_generate_and_score_completions` and `_compute_loss`; it relies
-    on every scoring pass calling the model with `fused_lm_head=True`, and on RLOO scoring the old policy first after
-    generation, then the reference."""
+    multimodal inputs that default to None), RLOO's `_generate_and_score_completions` and `_compute_loss`, and wraps
+    `_generate_single_turn` (where transformers' `generate` samples); it relies on every scoring pass calling the
+    model with `fused_lm_head=True`, and on RLOO scoring the old policy first after generation, then the
+    reference."""
     from trl import GRPOTrainer, RLOOTrainer
 
     from tunestack.train.fast.packed_rl import OnePolicyPassMixin
@@ -89,6 +96,7 @@ def test_grpo_and_rloo_internals_the_fast_paths_rely_on() -> None:
         assert "fused_lm_head=True" in inspect.getsource(trainer._get_per_token_logps_and_entropies)
         assert _params(trainer._generate_and_score_completions) == ["self", "inputs"]
         assert _params(trainer._compute_loss) == ["self", "model", "inputs"]
+        assert "unwrapped_model.generate(" in inspect.getsource(trainer._generate_single_turn), trainer.__name__
     ours = inspect.signature(OnePolicyPassMixin._get_per_token_logps_and_entropies).parameters
     assert list(ours)[: len(named) + 1] == [*named, "compute_aux_loss"]
     source = inspect.getsource(RLOOTrainer._generate_and_score_completions)

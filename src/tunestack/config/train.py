@@ -60,11 +60,12 @@ class TrainArguments(TrainingArguments):
             "each) instead of through a block-diagonal mask over the whole row."
         },
     )
-    packed_sampling: bool = field(
+    packed_linears: bool = field(
         default=True,
         metadata={
-            "help": "RL on a CPU: sample rollouts through oneDNN's prepacked linear layers, each LoRA adapter merged "
-            "into the packed copy of its weight (about 1.7x faster generation; samples differ only by rounding)."
+            "help": "RL on a CPU: linear layers run on oneDNN-prepacked copies of their weights, in rollouts (each "
+            "LoRA adapter merged into its layer's copy; samples differ only by rounding) and for the frozen layers of "
+            "the scoring and update passes."
         },
     )
     document_attention: bool = field(
