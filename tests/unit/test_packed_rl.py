@@ -191,8 +191,8 @@ def test_a_packed_trainer_step_equals_trls_step(tiny_model, tmp_path, algo, monk
     from tunestack.model.packed_linear import _PackedForward
     from tunestack.train.fast.packed_rl import (
         OnePolicyPassMixin,
-        PackedRLMixin,
         PackedLinearsMixin,
+        PackedRLMixin,
         packed_rl_mixins,
     )
 
