@@ -141,8 +141,10 @@ def _setup_logging() -> None:
             handler.addFilter(_every_rank_or_warning)
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes logs a missing optional kernel package at import; its CPU path works without it.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes asks the kernels package for an optional hub kernel at import and logs when there is none;
+    # offline, kernels itself logs that it skipped the publisher check. Its CPU path works without that kernel.
+    for quiet in ("bitsandbytes", "kernels"):
+        logging.getLogger(quiet).setLevel(logging.ERROR)
     try:
         import transformers
 
