@@ -10,8 +10,8 @@ prompt, 10 steps, seed 42, each in its own subprocess (peak RSS = its VmHWM), in
   (c) trl-rloo        trl.RLOOTrainer, the same way
   (d) tunestack-rloo  tunestack rl --algo rloo
   (e) tunestack-ppo   tunestack rl --algo ppo against a reward model (trained here first) plus the rule
-  (f) ppo-padded      the same with --padding_free false --packed_linears false: PPO as it was before its packed
-                      scoring passes and packed linear layers (padded rows, every linear layer on nn.Linear)
+  (f) ppo-padded      the same with --padding_free false --packed_sampling false: PPO as it was before its packed
+                      scoring passes and packed sampling (padded rows, rollouts on nn.Linear)
 
     python bench/rl_throughput.py                      # 10 steps, a b c d e, one round
     python bench/rl_throughput.py --systems ef         # PPO packed against padded
@@ -42,7 +42,7 @@ SYSTEMS = {
     "c": ("trl-rloo", "TRL RLOOTrainer"),
     "d": ("tunestack-rloo", "tunestack rl --algo rloo"),
     "e": ("tunestack-ppo", "tunestack rl --algo ppo"),
-    "f": ("ppo-padded", "tunestack rl --algo ppo, as before (padded, plain linear layers)"),
+    "f": ("ppo-padded", "tunestack rl --algo ppo, as before (padded, plain sampling)"),
 }
 # (baseline, ours, the speed-up targeted)
 PAIRS = (("trl-grpo", "tunestack-grpo", 1.5), ("trl-rloo", "tunestack-rloo", 1.5), ("ppo-padded", "tunestack-ppo", 1.4))
@@ -261,7 +261,7 @@ def child_tunestack_ppo(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_ppo_padded(spec: dict[str, Any]) -> dict[str, Any]:
-    return _tunestack_ppo(spec, "--padding_free", "false", "--packed_linears", "false")
+    return _tunestack_ppo(spec, "--padding_free", "false", "--packed_sampling", "false")
 
 
 CHILDREN = {

@@ -103,7 +103,7 @@ def _loop(model_dir: Path, packed: bool, reward):
     template = get_template(None, tok)
     settings = PPOSettings(
         batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, learning_rate=1e-3, packed=packed,
-        packed_linears=packed,
+        packed_sampling=packed,
     )  # fmt: skip
     loop = PPOLoop(
         model, tok, PromptEncoder(tok, template, 64), reward, stop_token_ids(template, tok), settings, Path(".")

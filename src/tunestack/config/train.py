@@ -60,12 +60,11 @@ class TrainArguments(TrainingArguments):
             "each) instead of through a block-diagonal mask over the whole row."
         },
     )
-    packed_linears: bool = field(
+    packed_sampling: bool = field(
         default=True,
         metadata={
-            "help": "RL on a CPU: linear layers run on oneDNN-prepacked copies of their weights, in rollouts (each "
-            "LoRA adapter merged into its layer's copy; samples differ only by rounding) and for the frozen layers of "
-            "the scoring and update passes."
+            "help": "RL on a CPU: sample rollouts through oneDNN's prepacked linear layers, each LoRA adapter merged "
+            "into the packed copy of its weight (about 1.7x faster generation; samples differ only by rounding)."
         },
     )
     document_attention: bool = field(

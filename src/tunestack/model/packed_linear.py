@@ -1,4 +1,4 @@
-"""Linear layers through oneDNN's prepacked kernel on a CPU: sampling, and the frozen layers of passes that train.
+"""Linear layers through oneDNN's prepacked kernel on a CPU, for sampling.
 
 Decoding multiplies a few rows by every weight matrix of the model, so each step reads all the weights and does
 little with them. On a CPU, nn.Linear's matmul reaches a fraction of the memory bandwidth in that shape, while
@@ -8,21 +8,15 @@ runs the same products 1.5-2.6x faster at every row count measured, 1 to 1024 (b
 `PackedLinears(model)()` is a `with` block in which every float32 `nn.Linear` of the model runs on a packed
 copy of its weight, and every plain LoRA layer of peft's (adapters active and not merged, no DoRA or other
 variant, dropout off) runs as one linear on a packed copy of its merged weight W + scale·B·A, so the adapter
-costs nothing per token. The model's own weights are never written. Such copies have no backward: where
-gradients are recorded the layers run their own forward.
+costs nothing per token. The model's own weights are never written.
 
-`PackedLinears(model, backward=True)` is for passes that train (PPO's scoring and updates): only the layers whose
-weight and bias are frozen (LoRA's base layers, the output layer) run packed, each with a packed transpose that
-gives its input's gradient; the adapters and anything else that trains keep their own forward.
-
-The products differ from the plain ones by float rounding (about 1e-6 relative, as close to a float64 reference
-as the plain ones): sampled tokens come from the same distribution, losses and gradients equal the plain ones to
-float32 precision (tests/unit/test_packed_linear.py). A copy is packed again when any weight it was made from
-changed (PyTorch's version counter), so a policy sampled again after an optimizer step samples from its new
-weights. `keep=False` drops the copies after each block (sampling in RL, where the next block re-packs them
-anyway); with `keep=True` they stay for the next block (inference, frozen layers). Copies are made only while they
-fit in a quarter of the memory available, and not at all off a CPU or without oneDNN: then the block changes
-nothing.
+The products differ from the plain ones by float rounding (about 1e-6 relative): samples come from the same
+distribution, and nothing that trains reads these logits (the RL stages score their samples in their own
+passes). A copy is packed again when any weight it was made from changed (PyTorch's version counter), so a
+policy sampled again after an optimizer step samples from its new weights. `keep=False` drops the copies after
+each block (RL, where the next block re-packs them anyway); with `keep=True` they stay for the next block
+(inference, whose weights do not change). Copies are made only while they fit in a quarter of the memory
+available, and not at all off a CPU or without oneDNN: then the block changes nothing.
 """
 
 from __future__ import annotations
@@ -108,70 +102,37 @@ def _lora_target(layer: nn.Module) -> _Target | None:
     return _Target(layer, merged, base.bias, key, base.weight.nbytes)
 
 
-def _targets(model: nn.Module, frozen_only: bool) -> Iterator[_Target]:
-    """Every layer of the model that runs packed: for sampling, LoRA layers on their merged weights and the other
-    linear layers; with `frozen_only` (passes that train), the linear layers whose weight and bias are frozen."""
+def _targets(model: nn.Module) -> Iterator[_Target]:
+    """Every layer of the model that runs packed."""
     covered: set[int] = set()
     for module in model.modules():
         for holder in ("lora_A", "lora_B"):  # an adapter's own factors run inside their layer, or not at all
             if isinstance(getattr(module, holder, None), nn.ModuleDict):
                 covered.update(id(m) for m in getattr(module, holder).modules())
-        target = None if frozen_only else _lora_target(module)
+        target = _lora_target(module)
         if target is not None:
             covered.add(id(module.base_layer))
             yield target
     for module in model.modules():
-        if type(module) is not nn.Linear or id(module) in covered or not _plain(module.weight):
-            continue
-        if hasattr(module, "_hf_hook"):  # accelerate's hooks wrap forward themselves
-            continue
-        if frozen_only and any(p.requires_grad for p in module.parameters()):
-            continue
-        weight = module.weight
-        yield _Target(module, weight.detach, module.bias, _tensor_key(weight), weight.nbytes)
-
-
-class _FrozenLinear(torch.autograd.Function):
-    """linear(x) on a packed W; its input's gradient on a packed W^T. The weight and bias are frozen."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, packed_t: torch.Tensor, bias: Any) -> torch.Tensor:
-        ctx.packed_t = packed_t
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return (
-            torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.packed_t, None, "none", [], ""),
-            None,
-            None,
-            None,
-        )
+        if type(module) is nn.Linear and id(module) not in covered and _plain(module.weight):
+            if not hasattr(module, "_hf_hook"):  # accelerate's hooks wrap forward themselves
+                weight = module.weight
+                yield _Target(module, weight.detach, module.bias, _tensor_key(weight), weight.nbytes)
 
 
 class _PackedForward:
-    """A module's forward on a packed weight (and, for passes that train, its transpose for the backward); the
-    module's own forward on an input that is not float32, or while gradients are recorded through copies made for
-    sampling (a merged LoRA layer has no backward)."""
+    """A module's forward on a packed weight; the module's own forward where the packed kernel does not apply:
+    while gradients are recorded (a merged layer has no backward), on an input that is not float32, or under
+    autocast."""
 
-    def __init__(
-        self,
-        packed: torch.Tensor,
-        packed_t: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        own: Callable[..., torch.Tensor],
-    ):
-        self.packed, self.packed_t, self.own = packed, packed_t, own
-        self.bias = None if bias is None else bias.detach()
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, own: Callable[..., torch.Tensor]):
+        self.packed, self.bias, self.own = packed, bias, own
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or x.dtype != torch.float32:
+        if args or kwargs or torch.is_grad_enabled() or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return self.own(x, *args, **kwargs)
-        if self.packed_t is not None:
-            return _FrozenLinear.apply(x, self.packed, self.packed_t, self.bias)
-        if torch.is_grad_enabled():
-            return self.own(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
 def _available_bytes() -> int:
@@ -187,62 +148,55 @@ def _available_bytes() -> int:
 
 class PackedLinears:
     """Packed copies of a model's linear weights, swapped in for the duration of a `with` block (see the module
-    docstring). `keep` holds the copies between blocks; `backward` packs the frozen layers only, each with its
-    transpose, for passes that train (the adapters' own layers keep their forward)."""
+    docstring). `keep` holds the copies between blocks."""
 
-    def __init__(self, model: nn.Module, keep: bool = True, backward: bool = False):
+    def __init__(self, model: nn.Module, keep: bool = True):
         self.model = model
         self.keep = keep
-        self.backward = backward
-        self._copies: dict[int, tuple[Key, torch.Tensor, torch.Tensor | None]] = {}
+        self._copies: dict[int, tuple[Key, torch.Tensor]] = {}
+        self._enabled = available(model)
         self._warned = False
 
     def _fits(self, targets: list[_Target]) -> bool:
-        needed = sum(t.nbytes for t in targets if id(t.module) not in self._copies) * (2 if self.backward else 1)
+        needed = sum(t.nbytes for t in targets if id(t.module) not in self._copies)
         if needed <= _available_bytes() // 4:
             return True
         if not self._warned:
-            logger.info("linear layers unpacked: %.0f MB of packed copies would not fit", needed / 2**20)
+            logger.info("sampling without packed weights: %.0f MB of copies would not fit", needed / 2**20)
             self._warned = True
         return False
 
-    def _packed(self, target: _Target) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _packed(self, target: _Target) -> torch.Tensor:
         held = self._copies.get(id(target.module))
         if held is not None and held[0] == target.key:
-            return held[1], held[2]
-        weight = target.weight()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS)
-        packed_t = (
-            torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), _PACK_ROWS) if self.backward else None
-        )
-        self._copies[id(target.module)] = (target.key, packed, packed_t)
-        return packed, packed_t
+            return held[1]
+        packed = torch.ops.mkldnn._reorder_linear_weight(target.weight().contiguous(), _PACK_ROWS)
+        self._copies[id(target.module)] = (target.key, packed)
+        return packed
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        targets = list(_targets(self.model, self.backward)) if available(self.model) else []
+        targets = list(_targets(self.model)) if self._enabled else []
         if not targets or not self._fits(targets):
             yield
             return
-        swapped: list[tuple[nn.Module, Any]] = []  # each module and the forward it had (an outer block's)
+        swapped: list[nn.Module] = []
         try:
             with torch.no_grad():
                 for target in targets:
                     module = target.module
-                    own = type(module).forward.__get__(module)
-                    swapped.append((module, module.__dict__.get("forward")))
-                    module.forward = _PackedForward(*self._packed(target), target.bias, own)
+                    module.forward = _PackedForward(
+                        self._packed(target), target.bias, type(module).forward.__get__(module)
+                    )
+                    swapped.append(module)
             yield
         finally:
-            for module, before in swapped:
-                if before is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = before
+            for module in swapped:
+                module.__dict__.pop("forward", None)
             if not self.keep:
                 self._copies.clear()
 
 
 def packed_linears(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
-    """One sampling block on copies packed for it and dropped after it (a policy that trains between blocks)."""
+    """One block on copies packed for it and dropped after it (a policy that trains between blocks)."""
     return PackedLinears(model, keep=False)() if enabled else contextlib.nullcontext()

@@ -64,7 +64,7 @@ def ppo_settings(args: Any, n_prompts: int) -> PPOSettings:
         seed=t.seed,
         packed=t.padding_free and t.sparse_lm_head,
         varlen_attention=t.varlen_attention,
-        packed_linears=t.packed_linears,
+        packed_sampling=t.packed_sampling,
     )
 
 

@@ -13,7 +13,6 @@ any update the policy is the old policy (the ratio is exactly 1 there, as two pa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunestack.model.packed_linear import PackedLinears
 from tunestack.rl.engine import ppo_optimizer, uses_deepspeed, zero3
 from tunestack.rl.policy import PolicyWithValue
 from tunestack.rl.ppo_core import KLController, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_losses
@@ -67,7 +65,7 @@ class PPOSettings:
     seed: int = 42
     packed: bool = True  # packed rows and the output layer at response tokens only (rl/scoring.py)
     varlen_attention: bool = True  # per-sample attention on those rows
-    packed_linears: bool = True  # on a CPU, oneDNN's prepacked linear layers (model/packed_linear.py)
+    packed_sampling: bool = True  # rollouts through oneDNN's prepacked linear layers on a CPU (model/packed_linear.py)
 
 
 @dataclass
@@ -126,8 +124,6 @@ class PPOLoop:
         # ZeRO-3 partitions the output layer's weight outside the model's forward: packed scoring runs it there.
         packed = settings.packed and supports_trained_positions(model) and not self.zero3
         self.scorer = Scorer(packed, settings.varlen_attention)
-        # The frozen layers of the scoring and update passes, packed once with their transposes for the backward.
-        self.frozen_linears = PackedLinears(model, backward=True) if settings.packed_linears else None
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -202,11 +198,6 @@ class PPOLoop:
     def _train_step(self, prompts: list[Any]) -> dict[str, float]:
         r = self.rollout(prompts)
         self._finite("reward", r.scores)
-        with self.frozen_linears() if self.frozen_linears else contextlib.nullcontext():
-            return self._learn(r)
-
-    def _learn(self, r: Rollout) -> dict[str, float]:
-        """Score a rollout under the old policy and the reference, then the PPO epochs on it."""
         n, mask = r.input_ids.shape[0], r.mask
         order = torch.randperm(n, device=mask.device).split(self.s.mini_batch_size)  # the first epoch's minibatches
         reuse = self.scorer.packed and not _dropout_active(self.model)

@@ -35,7 +35,7 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class Roller:
     """Samples answers to prompts from a policy and scores them:
     `reward_fn(prompts, completions, completions_with_stop=...) -> list[float]`. `settings` is the run's
-    PPOSettings (max_new_tokens, temperature, reward_baseline, reward_clip, missing_eos_penalty, packed_linears)."""
+    PPOSettings (max_new_tokens, temperature, reward_baseline, reward_clip, missing_eos_penalty, packed_sampling)."""
 
     def __init__(
         self,
@@ -81,7 +81,7 @@ class Roller:
             prompt_mask[i, width - len(ids) :] = 1
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         policy.eval()
-        with self.clock("generation"), packed_linears(policy, self.s.packed_linears):
+        with self.clock("generation"), packed_linears(policy, self.s.packed_sampling):
             generated = policy.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tunestack.model.packed_linear import PackedLinears, packed_linears
+from tunestack.model.packed_linear import packed_linears
 from tunestack.train.fast.packed_logps import use_packed_logps
 from tunestack.train.fast.varlen import varlen_attention
 
@@ -52,16 +52,9 @@ class VarlenScoringMixin:
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
 
-class PackedLinearsMixin:
-    """On a CPU, GRPOTrainer / RLOOTrainer on oneDNN's prepacked linear layers (tunestack.model.packed_linear):
-    generation with the adapter merged into them, and the frozen layers of the scoring passes and the update with
-    their transposes for the backward."""
-
-    def training_step(self, *args: Any, **kwargs: Any):
-        if getattr(self, "_frozen_linears", None) is None:
-            self._frozen_linears = PackedLinears(self.accelerator.unwrap_model(self.model), backward=True)
-        with self._frozen_linears():
-            return super().training_step(*args, **kwargs)
+class PackedSamplingMixin:
+    """Generation through oneDNN's prepacked linear layers on a CPU, the adapter merged into them
+    (tunestack.model.packed_linear)."""
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
         with packed_linears(self.accelerator.unwrap_model(self.model)):
@@ -69,13 +62,13 @@ class PackedLinearsMixin:
 
 
 def packed_rl_mixins(train_args: Any, algo: str, head_outside: bool = True) -> tuple[type, ...]:
-    """The fast paths of a GRPO / RLOO run: RLOO's single policy pass, packed linear layers on a CPU unless
-    --packed_linears false, packed scoring unless --padding_free false or --sparse_lm_head false (or the output
+    """The fast paths of a GRPO / RLOO run: RLOO's single policy pass, sampling on packed linear layers unless
+    --packed_sampling false, packed scoring unless --padding_free false or --sparse_lm_head false (or the output
     layer may not run outside the forward: `head_outside`, see train.fast.head_outside_forward), and per-sample
     attention on those rows unless --varlen_attention false."""
     mixins: tuple[type, ...] = (OnePolicyPassMixin,) if algo == "rloo" else ()
-    if train_args.packed_linears:
-        mixins += (PackedLinearsMixin,)
+    if train_args.packed_sampling:
+        mixins += (PackedSamplingMixin,)
     if train_args.padding_free and train_args.sparse_lm_head and head_outside:
         mixins += (PackedRLMixin,)
         if train_args.varlen_attention:
