@@ -3,7 +3,7 @@
 Decoding multiplies a few rows by every weight matrix of the model, so each step reads all the weights and does
 little with them. On a CPU, nn.Linear's matmul reaches a fraction of the memory bandwidth in that shape, while
 oneDNN's linear on a weight reordered once for it (its prepacked form, the one torch.compile's CPU backend uses)
-runs the same products 1.5-2.6x faster at every row count measured, 1 to 1024 (bench/generation_engines.py).
+runs the same products 1.5-3.4x faster at every row count measured, 1 to 1024 (bench/README.md, the RL section).
 
 `PackedLinears(model)()` is a `with` block in which every float32 `nn.Linear` of the model runs on a packed
 copy of its weight, and every plain LoRA layer of peft's (adapters active and not merged, no DoRA or other
