@@ -126,13 +126,13 @@ class _PackedForward:
     autocast."""
 
     def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, own: Callable[..., torch.Tensor]):
-        self.packed, self.bias, self.own = packed, bias, own
+        self.packed, self.own = packed, own
+        self.bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or torch.is_grad_enabled() or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return self.own(x, *args, **kwargs)
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def _available_bytes() -> int:
@@ -154,7 +154,6 @@ class PackedLinears:
         self.model = model
         self.keep = keep
         self._copies: dict[int, tuple[Key, torch.Tensor]] = {}
-        self._enabled = available(model)
         self._warned = False
 
     def _fits(self, targets: list[_Target]) -> bool:
@@ -176,7 +175,8 @@ class PackedLinears:
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        targets = list(_targets(self.model)) if self._enabled else []
+        # Checked at each block: a model built on a CPU may have moved to a GPU since.
+        targets = list(_targets(self.model)) if available(self.model) else []
         if not targets or not self._fits(targets):
             yield
             return
