@@ -151,3 +151,23 @@ def test_autocast_keeps_the_layers_own_forward(tiny_model):
     with packed_linears(model), torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         logits = model(input_ids=ids).logits
     assert logits.dtype == torch.bfloat16  # the layers ran under autocast, not on the float32 copies
+
+
+def test_a_frozen_weights_packed_products_equal_the_plain_ones_and_follow_it():
+    """frozen_linear (the output layer of the scoring passes): x W^T + b and x W on one packed copy each, the copy
+    made again after the weight changed, the plain product where a gradient is recorded."""
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(300, 24), torch.randn(300), torch.randn(5, 24)
+    grad = torch.randn(5, 300)
+    with torch.no_grad():
+        assert torch.allclose(packed_linear.frozen_linear(x, weight, bias), x @ weight.T + bias, atol=1e-5)
+        assert torch.allclose(packed_linear.frozen_linear(grad, weight, transposed=True), grad @ weight, atol=1e-5)
+        held = {slot: copy for slot, (_, copy) in packed_linear._FROZEN.items() if slot[0] == id(weight)}
+        assert len(held) == 2
+        packed_linear.frozen_linear(x, weight, bias)
+        assert packed_linear._FROZEN[(id(weight), False)][1] is held[(id(weight), False)]  # kept, not packed again
+        weight.mul_(2)  # an in-place change: the version counter moves
+        assert torch.allclose(packed_linear.frozen_linear(x, weight, bias), x @ weight.T + bias, atol=1e-5)
+    leaf = x.clone().requires_grad_()
+    out = packed_linear.frozen_linear(leaf, weight, bias)
+    assert out.grad_fn is not None  # recorded: the plain product, differentiable

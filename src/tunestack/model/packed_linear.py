@@ -1,4 +1,4 @@
-"""Linear layers through oneDNN's prepacked kernel on a CPU, for sampling.
+"""Linear layers through oneDNN's prepacked kernel on a CPU, for sampling and for the output layer of scoring passes.
 
 Decoding multiplies a few rows by every weight matrix of the model, so each step reads all the weights and does
 little with them. On a CPU, nn.Linear's matmul reaches a fraction of the memory bandwidth in that shape, while
@@ -17,6 +17,10 @@ policy sampled again after an optimizer step samples from its new weights. `keep
 each block (RL, where the next block re-packs them anyway); with `keep=True` they stay for the next block
 (inference, whose weights do not change). Copies are made only while they fit in a quarter of the memory
 available, and not at all off a CPU or without oneDNN: then the block changes nothing.
+
+`frozen_linear` is the same kernel for one frozen weight multiplied outside a module call: the output layer of
+the packed scoring passes (train/fast/packed_logps.py), whose logits and gradient products at 128-512 rows are
+its slowest matmuls in nn.Linear's kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -195,6 +200,41 @@ class PackedLinears:
                 module.__dict__.pop("forward", None)
             if not self.keep:
                 self._copies.clear()
+
+
+# Packed copies of frozen weights multiplied outside any module call (frozen_linear), the latest few kept.
+_FROZEN: dict[tuple[int, bool], tuple[Key, torch.Tensor]] = {}
+_FROZEN_KEPT = 4  # an output layer and its transpose, for the policy and a separate reference
+
+
+def frozen_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, transposed: bool = False
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, or `x @ weight` with `transposed`, for a weight that does not train, run where
+    no gradient is recorded (an autograd Function's forward, a no-grad pass): on a CPU with oneDNN through a packed
+    copy of the weight, kept between calls and made again when the weight changed. The output layer's matmuls in
+    the scoring passes: 1.3-2.3x nn.Linear's at 128-512 rows (bench/README.md). Plain elsewhere."""
+    if not _frozen_packable(x, weight):
+        return F.linear(x, weight, bias) if not transposed else x @ weight
+    slot, key = (id(weight), transposed), _tensor_key(weight)
+    held = _FROZEN.pop(slot, None)  # popped and put back: the dict's order is the order of use
+    if held is None or held[0] != key:
+        if weight.nbytes > _available_bytes() // 4:
+            return F.linear(x, weight, bias) if not transposed else x @ weight
+        source = weight.detach().t() if transposed else weight.detach()
+        held = (key, torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), _PACK_ROWS))
+    _FROZEN[slot] = held
+    while len(_FROZEN) > _FROZEN_KEPT:
+        del _FROZEN[next(iter(_FROZEN))]
+    return torch.ops.mkldnn._linear_pointwise(x, held[1], None if bias is None else bias.detach(), "none", [], "")
+
+
+def _frozen_packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+        and _plain(weight) and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )  # fmt: skip
 
 
 def packed_linears(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:

@@ -22,8 +22,8 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from tunestack.model.packed_linear import frozen_linear
 from tunestack.train.fast.efficient import (
     IGNORE_INDEX,
     head_chunks,
@@ -68,7 +68,8 @@ class TargetLogProbs(torch.autograd.Function):
     per token (divided by the temperature the logits are divided by) and backward only scales it by the upstream
     gradient of that token's log-prob. Nothing is
     recomputed, unlike a checkpointed chunk. (A trained output layer would need the upstream gradient to form
-    its own; that case keeps the checkpointed path.)"""
+    its own; that case keeps the checkpointed path.) On a CPU both products run on packed copies of the weight
+    (model/packed_linear.frozen_linear)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature=1.0):  # noqa: ANN001, ANN205
@@ -77,14 +78,16 @@ class TargetLogProbs(torch.autograd.Function):
         parts = []
         for start in range(0, hidden.shape[0], chunk_size):
             rows, target = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            values, probs = _logprob_stats(F.linear(rows, weight, bias).float(), target, temperature)
+            values, probs = _logprob_stats(frozen_linear(rows, weight, bias).float(), target, temperature)
             parts.append(values)
             if need_hidden:
                 grad_logits = probs.neg_()  # one-hot - softmax, in place of the probabilities
                 grad_logits[torch.arange(len(target), device=target.device), target] += 1.0
                 if temperature != 1.0:
                     grad_logits.mul_(1.0 / temperature)
-                grad_hidden[start : start + chunk_size] = grad_logits.to(hidden.dtype) @ weight
+                grad_hidden[start : start + chunk_size] = frozen_linear(
+                    grad_logits.to(hidden.dtype), weight, transposed=True
+                )
         ctx.save_for_backward(grad_hidden)
         return torch.cat(parts, dim=1) if parts else hidden.new_zeros(len(STATS), 0, dtype=torch.float32)
 
