@@ -10,8 +10,9 @@ prompt, 10 steps, seed 42, each in its own subprocess (peak RSS = its VmHWM), in
   (c) trl-rloo        trl.RLOOTrainer, the same way
   (d) tunestack-rloo  tunestack rl --algo rloo
   (e) tunestack-ppo   tunestack rl --algo ppo against a reward model (trained here first) plus the rule
-  (f) ppo-padded      the same with --padding_free false --packed_sampling false: PPO as it was before its packed
-                      scoring passes and packed sampling (padded rows, rollouts on nn.Linear)
+  (f) ppo-padded      the same with --padding_free false --packed_sampling false --old_logprobs_from_sampling false:
+                      PPO as it was before its packed scoring passes, packed sampling and old-policy scores read off
+                      the sampling passes (padded rows, rollouts on nn.Linear, a pass for the old scores)
 
     python bench/rl_throughput.py                      # 10 steps, a b c d e, one round
     python bench/rl_throughput.py --systems ef         # PPO packed against padded
@@ -261,7 +262,9 @@ def child_tunestack_ppo(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_ppo_padded(spec: dict[str, Any]) -> dict[str, Any]:
-    return _tunestack_ppo(spec, "--padding_free", "false", "--packed_sampling", "false")
+    return _tunestack_ppo(
+        spec, "--padding_free", "false", "--packed_sampling", "false", "--old_logprobs_from_sampling", "false"
+    )
 
 
 CHILDREN = {

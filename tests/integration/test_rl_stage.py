@@ -31,6 +31,23 @@ def _reward_module(monkeypatch):
     monkeypatch.syspath_prepend(str(FIXTURES))
 
 
+@pytest.fixture(scope="module")
+def peaked_model(tiny_model, tmp_path_factory):
+    """The tiny llama with its (tied) output layer scaled x12: a random model whose next-token distributions are
+    peaked like a trained one's (entropy ~3 nats instead of a flat ~6 over its 384 tokens), so that the policy's
+    whole distribution, which PPO samples, moves visibly within a few steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("peaked")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(12.0)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
 def _rl(model, prompts, out, *extra):
     return [
         "rl",
@@ -66,9 +83,9 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ppo_raises_a_rule_reward_with_finite_kl(cli, tiny_models, prompts, tmp_path):
+def test_ppo_raises_a_rule_reward_with_finite_kl(cli, peaked_model, prompts, tmp_path):
     out = tmp_path / "ppo"
-    code, stdout, err = cli(*_rl(tiny_models["llama"], prompts, out, "--max_steps", 24, "--save_steps", 100))
+    code, stdout, err = cli(*_rl(peaked_model, prompts, out, "--max_steps", 24, "--save_steps", 100))
     assert code == 0, err[-3000:]
     rows = [r for r in _rows(out) if "reward_mean" in r]
     assert len(rows) == 24
@@ -86,34 +103,57 @@ def test_ppo_raises_a_rule_reward_with_finite_kl(cli, tiny_models, prompts, tmp_
     assert (out / "reward.png").exists() and (out / "samples.jsonl").exists()
 
 
-def test_missing_stop_token_is_penalised(tiny_model, prompts):
+def _loop(model_dir, **settings):
+    """A PPO loop on a tiny model with LoRA and a constant reward of 1."""
     from tunestack.config.model import ModelArguments
     from tunestack.config.tuning import TuningArguments
-    from tunestack.data.prompts import PromptEncoder, load_prompts
+    from tunestack.data.prompts import PromptEncoder
     from tunestack.data.templates import get_template, stop_token_ids
     from tunestack.model.load import load_model, load_tokenizer
     from tunestack.model.ref import resolve_model
     from tunestack.model.tuning import apply_tuning
     from tunestack.rl.ppo import PPOLoop, PPOSettings
 
-    ref = resolve_model(str(tiny_model))
+    ref = resolve_model(str(model_dir))
     tok = load_tokenizer(ref)
     model = apply_tuning(load_model(ref, ModelArguments()), TuningArguments(), "lora", 1)
     template = get_template(None, tok)
-    settings = PPOSettings(batch_size=4, mini_batch_size=2, max_new_tokens=3, missing_eos_penalty=2.5)
-    loop = PPOLoop(
+    return PPOLoop(
         model,
         tok,
         PromptEncoder(tok, template, 64),
         lambda **kw: [1.0] * len(kw["prompts"]),
         stop_token_ids(template, tok),
-        settings,
+        PPOSettings(**settings),
         Path("."),
     )
+
+
+def test_missing_stop_token_is_penalised(tiny_model, prompts):
+    from tunestack.data.prompts import load_prompts
+
+    loop = _loop(tiny_model, batch_size=4, mini_batch_size=2, max_new_tokens=3, missing_eos_penalty=2.5)
     r = loop.rollout(load_prompts(str(prompts / "p.txt"))[:4])
     expected = 1.0 - 2.5 * (~r.stopped).float()
     assert (r.scores == expected).all()
     assert (~r.stopped).any()  # 3 tokens from a random model rarely end with the stop token
+
+
+def test_rollouts_sample_the_whole_distribution_whatever_the_models_generation_defaults(tiny_model, prompts):
+    """transformers fills what a generation config leaves unset from the model's own defaults: a model that asks
+    for top_k 1 (greedy) must not make PPO's samples greedy, nor its top_p / repetition penalty apply."""
+    from tunestack.data.prompts import load_prompts
+    from tunestack.train.fast.efficient import hf_model
+
+    loop = _loop(tiny_model, max_new_tokens=6)
+    model = hf_model(loop.unwrapped.policy)
+    model.generation_config.update(top_k=1, top_p=0.1, repetition_penalty=5.0, temperature=0.01)
+    saved = model.generation_config
+    r = loop.rollout(load_prompts(str(prompts / "p.txt"))[:1] * 12)
+    assert len(set(r.completions)) > 6  # a random model's 12 samples of one prompt all differ, nearly
+    assert model.generation_config is saved and model.generation_config.top_k == 1  # the user's model untouched
+    greedy = loop.rollout(load_prompts(str(prompts / "p.txt"))[:1] * 3, greedy=True)
+    assert len(set(greedy.completions)) == 1
 
 
 def test_ppo_resumes_after_a_kill_at_the_right_step(tiny_model, prompts, tmp_path):

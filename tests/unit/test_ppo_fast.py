@@ -91,7 +91,7 @@ def test_token_chunks_keep_order_and_the_budget():
 # ---------------------------------------------------------------------------------------------- a whole PPO step
 
 
-def _loop(model_dir: Path, packed: bool, reward):
+def _loop(model_dir: Path, packed: bool, reward, sampled_old: bool = True):
     from tunestack.data.prompts import PromptEncoder
     from tunestack.data.templates import get_template, stop_token_ids
     from tunestack.rl.ppo import PPOLoop, PPOSettings
@@ -103,7 +103,7 @@ def _loop(model_dir: Path, packed: bool, reward):
     template = get_template(None, tok)
     settings = PPOSettings(
         batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, learning_rate=1e-3, packed=packed,
-        packed_sampling=packed,
+        packed_sampling=packed, sampled_old_scores=sampled_old,
     )  # fmt: skip
     loop = PPOLoop(
         model, tok, PromptEncoder(tok, template, 64), reward, stop_token_ids(template, tok), settings, Path(".")
@@ -126,15 +126,42 @@ def _loop(model_dir: Path, packed: bool, reward):
     return loop, grads, calls, counting
 
 
-def test_a_packed_ppo_step_equals_the_padded_step(tiny_model, monkeypatch):
-    """Two PPO steps from the same start: the same rollouts (sampled on packed linear layers or not), statistics and
-    gradients of every update; the packed loop runs the policy once less per step (the first update reuses the
-    old-policy pass)."""
+def _prompts():
     from tunestack.data.formats import Message
     from tunestack.data.prompts import Prompt
 
     questions = ["Hi", "Why sleep?", "Who are you?", "What is blood?"]
-    prompts = [Prompt(None, (Message("user", q),), f"q{i}") for i, q in enumerate(questions)]
+    return [Prompt(None, (Message("user", q),), f"q{i}") for i, q in enumerate(questions)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
+@pytest.mark.parametrize("packed_sampling", [False, True], ids=["plain-sampling", "packed-sampling"])
+def test_the_sampling_passes_scores_are_a_scoring_passes(tiny_models, family, packed_sampling):
+    """The old policy's log-probs, entropies and values as the sampling passes computed them equal those of a
+    packed scoring pass over the sampled rows (0 after each row's stop)."""
+    loop = _loop(tiny_models[family], True, lambda prompts, completions, **kw: [0.0] * len(prompts))[0]
+    loop.s.packed_sampling = packed_sampling
+    torch.manual_seed(3)
+    r = loop.rollout(_prompts() * 2, score=True)
+    assert r.sampled is not None
+    mask = r.mask.bool()
+    loop.model.eval()
+    with torch.no_grad():
+        plain = loop.scorer.policy(loop.model, r, torch.arange(r.input_ids.shape[0]))
+        values = loop.unwrapped.value_head(r.sampled.hidden) * r.mask
+    for got, expected in ((r.sampled.logp, plain.logp), (r.sampled.entropy, plain.entropy), (values, plain.values)):
+        assert torch.allclose(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
+        assert (got[~mask] == 0).all()
+    assert loop.rollout(_prompts()).sampled is None  # only when asked for
+
+
+@pytest.mark.parametrize("sampled_old", [True, False], ids=["old-scores-from-sampling", "old-scores-pass"])
+def test_a_packed_ppo_step_equals_the_padded_step(tiny_model, monkeypatch, sampled_old):
+    """Two PPO steps from the same start: the same rollouts (sampled on packed linear layers or not), statistics and
+    gradients of every update. The packed loop runs the policy only for its updates when the old scores come from
+    the sampling passes, else once less per step than the padded loop (the first update reuses the old-policy
+    pass)."""
+    prompts = _prompts()
 
     def reward(prompts, completions, **kw):
         return [float(c.count("a")) - 0.1 * len(c) for c in completions]
@@ -144,7 +171,7 @@ def test_a_packed_ppo_step_equals_the_padded_step(tiny_model, monkeypatch):
     results, sampled = {}, {False: 0, True: 0}
     packed_call = _PackedForward.__call__
     for packed in (False, True):
-        loop, grads, calls, counting = _loop(tiny_model, packed, reward)
+        loop, grads, calls, counting = _loop(tiny_model, packed, reward, sampled_old)
         monkeypatch.setattr(PolicyWithValue, "forward", counting)
 
         def counting_packed(self, x, packed=packed):
@@ -166,9 +193,10 @@ def test_a_packed_ppo_step_equals_the_padded_step(tiny_model, monkeypatch):
     for got, expected in zip(grads, plain_grads, strict=True):
         for name, grad in expected.items():
             assert torch.allclose(got[name], grad, atol=1e-6, rtol=1e-3), name
-    # Per step, padded: 2 old-policy minibatches + 4 updates; packed: the kept minibatch, one pass for the rest,
-    # 3 more updates.
-    assert (plain_calls, calls) == (2 * 6, 2 * 5)
+    assert plain_r.sampled is None and (r.sampled is not None) == sampled_old
+    # Per step, padded: 2 old-policy minibatches + 4 updates; packed: the 4 updates (old scores from sampling), or
+    # the kept minibatch, one pass for the rest and 3 more updates.
+    assert (plain_calls, calls) == (2 * 6, 2 * (4 if sampled_old else 5))
 
 
 def test_reward_model_scores_on_packed_rows_equal_the_padded_scores(tiny_model, tmp_path, monkeypatch):

@@ -51,6 +51,14 @@ class RLArguments:
     batch_size: int = field(default=8, metadata={"help": "Prompts rolled out per step and process."})
     mini_batch_size: int = field(default=2, metadata={"help": "PPO minibatch size."})
     ppo_epochs: int = field(default=4, metadata={"help": "PPO epochs over each rollout batch."})
+    old_logprobs_from_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "PPO in float32: the old policy's log-probs, values and entropies are read off the sampling "
+            "passes (the policy that sampled is the old policy) instead of a pass over the batch of their own; "
+            "equal to float rounding. Off: that pass, as before."
+        },
+    )
     max_source_length: int = field(default=256, metadata={"help": "Prompt tokens kept (the end of the prompt)."})
     max_target_length: int = field(
         default=64, metadata={"help": "Response tokens generated (also --max_completion_length)."}

@@ -65,6 +65,7 @@ def ppo_settings(args: Any, n_prompts: int) -> PPOSettings:
         packed=t.padding_free and t.sparse_lm_head,
         varlen_attention=t.varlen_attention,
         packed_sampling=t.packed_sampling,
+        sampled_old_scores=d.old_logprobs_from_sampling,
     )
 
 

@@ -6,9 +6,11 @@ parallelism works: every rank rolls out its own prompts and gradients are averag
 A step: sample answers (rl/rollout.py), score them with the reward, score their tokens under the policy (log-probs
 and values: the "old" policy of the ratio) and under the reference (the policy with its adapter switched off, or a
 frozen copy), then `ppo_epochs` passes of clipped updates over minibatches. Scoring runs on packed rows with the
-output layer only at response tokens (rl/scoring.py), the reference over the whole batch at once; and when no dropout
-is active the first minibatch's old-policy pass keeps its graph and is that minibatch's first update, since before
-any update the policy is the old policy (the ratio is exactly 1 there, as two passes would give it).
+output layer only at response tokens (rl/scoring.py), the reference over the whole batch at once. The old policy is
+the one that sampled: in float32 its log-probs, entropies and (through the value head) values come from the sampling
+passes themselves (rl/rollout.py's SampledScores), equal to a scoring pass's to float rounding; otherwise a pass
+scores them, and when no dropout is active the first minibatch's rows keep that pass's graph for their first
+update, since before any update the policy is the old policy (the ratio is exactly 1 there, as two passes give it).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class PPOSettings:
     packed: bool = True  # packed rows and the output layer at response tokens only (rl/scoring.py)
     varlen_attention: bool = True  # per-sample attention on those rows
     packed_sampling: bool = True  # rollouts through oneDNN's prepacked linear layers on a CPU (model/packed_linear.py)
+    sampled_old_scores: bool = True  # the old policy's scores from its sampling passes (see PPOLoop.__init__)
 
 
 @dataclass
@@ -124,13 +127,21 @@ class PPOLoop:
         # ZeRO-3 partitions the output layer's weight outside the model's forward: packed scoring runs it there.
         packed = settings.packed and supports_trained_positions(model) and not self.zero3
         self.scorer = Scorer(packed, settings.varlen_attention)
+        # The policy that sampled a batch is its old policy: the log-probs, entropies and last hidden states its
+        # sampling passes computed are the old scores, without a pass of their own, where they are the numbers
+        # such a pass gives to float rounding: float32 weights without mixed precision, on the models packed
+        # scoring serves, each process sampling on its own (ZeRO-3 keeps them stepping in lockstep).
+        self.sampled_old = (
+            settings.sampled_old_scores and packed and not synced and self.accelerator.mixed_precision == "no"
+            and all(p.dtype == torch.float32 for p in model.parameters())
+        )  # fmt: skip
 
     @property
     def unwrapped(self) -> PolicyWithValue:
         return self.accelerator.unwrap_model(self.model)
 
-    def rollout(self, prompts: list[Any], greedy: bool = False) -> Rollout:
-        return self.roller(self.unwrapped.policy, prompts, self.accelerator.device, greedy)
+    def rollout(self, prompts: list[Any], greedy: bool = False, score: bool = False) -> Rollout:
+        return self.roller(self.unwrapped.policy, prompts, self.accelerator.device, greedy, score)
 
     # ---------------------------------------------------------------------------------- scoring
 
@@ -142,10 +153,19 @@ class PPOLoop:
             return self.scorer.logprobs(policy, r, idx)
 
     def _score_old(self, r: Rollout, first: torch.Tensor | None) -> OldScores:
-        """The old policy's log-probs, values and entropies, and the reference's log-probs, of every row. Packed:
-        the rows of `first` (if given) with gradients, kept for their update, the others and the reference in
-        passes of up to TOKENS_PER_PASS tokens. Padded: minibatch by minibatch, as the loop was first written."""
+        """The old policy's log-probs, values and entropies, and the reference's log-probs, of every row. From
+        the sampling passes when the rollout kept them (only the value head and the reference run). Packed: the
+        rows of `first` (if given) with gradients, kept for their update, the others and the reference in passes
+        of up to TOKENS_PER_PASS tokens. Padded: minibatch by minibatch, as the loop was first written."""
         n, device = r.input_ids.shape[0], r.input_ids.device
+        if r.sampled is not None:
+            self.model.eval()
+            with torch.no_grad():
+                with self.clock("old_logprobs_values"):
+                    values = self.unwrapped.value_head(r.sampled.hidden) * r.mask
+                with self.clock("ref_logprobs"):
+                    ref = self._reference_batch(r)
+            return OldScores(r.sampled.logp, values, ref, r.sampled.entropy, None)
         if not self.scorer.packed:
             self.model.eval()
             parts, refs = [], []
@@ -169,9 +189,13 @@ class PPOLoop:
             with self.clock("old_logprobs_values"):
                 parts += [(chunk, self.scorer.policy(self.model, r, chunk)) for chunk in token_chunks(r, rest)]
             with self.clock("ref_logprobs"):
-                everything = torch.arange(n, device=device)
-                ref = torch.cat([self._reference(r, chunk) for chunk in token_chunks(r, everything)])
+                ref = self._reference_batch(r)
         return _gathered(parts, ref, kept)
+
+    def _reference_batch(self, r: Rollout) -> torch.Tensor:
+        """The reference's log-probs of every row, in packed passes of up to TOKENS_PER_PASS tokens."""
+        everything = torch.arange(r.input_ids.shape[0], device=r.input_ids.device)
+        return torch.cat([self._reference(r, chunk) for chunk in token_chunks(r, everything)])
 
     # ---------------------------------------------------------------------------------- update
 
@@ -196,11 +220,11 @@ class PPOLoop:
         return out
 
     def _train_step(self, prompts: list[Any]) -> dict[str, float]:
-        r = self.rollout(prompts)
+        r = self.rollout(prompts, score=self.sampled_old)
         self._finite("reward", r.scores)
         n, mask = r.input_ids.shape[0], r.mask
         order = torch.randperm(n, device=mask.device).split(self.s.mini_batch_size)  # the first epoch's minibatches
-        reuse = self.scorer.packed and not _dropout_active(self.model)
+        reuse = self.scorer.packed and not _dropout_active(self.model) and r.sampled is None
         old = self._score_old(r, order[0] if reuse else None)
         rewards, kl = kl_penalized_rewards(r.scores, old.logp, old.ref_logp, mask, self.kl.value)
         if self.s.whiten_rewards:
