@@ -4,6 +4,8 @@ the weights as they train."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -171,3 +173,7 @@ def test_a_frozen_weights_packed_products_equal_the_plain_ones_and_follow_it():
     leaf = x.clone().requires_grad_()
     out = packed_linear.frozen_linear(leaf, weight, bias)
     assert out.grad_fn is not None  # recorded: the plain product, differentiable
+    slots = set(held)
+    del weight, held
+    gc.collect()
+    assert not slots & set(packed_linear._FROZEN)  # the copies went with the weight

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -221,6 +222,8 @@ def frozen_linear(
     if held is None or held[0] != key:
         if weight.nbytes > _available_bytes() // 4:
             return F.linear(x, weight, bias) if not transposed else x @ weight
+        if held is None:
+            weakref.finalize(weight, _FROZEN.pop, slot, None)  # the copy goes with its weight's model
         source = weight.detach().t() if transposed else weight.detach()
         held = (key, torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), _PACK_ROWS))
     _FROZEN[slot] = held
