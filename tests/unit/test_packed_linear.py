@@ -174,6 +174,6 @@ def test_a_frozen_weights_packed_products_equal_the_plain_ones_and_follow_it():
     out = packed_linear.frozen_linear(leaf, weight, bias)
     assert out.grad_fn is not None  # recorded: the plain product, differentiable
     slots = set(held)
-    del weight, held
+    del weight, held, out  # (the graph of `out` holds the weight too)
     gc.collect()
     assert not slots & set(packed_linear._FROZEN)  # the copies went with the weight
