@@ -217,3 +217,10 @@ def test_trl_algorithms_raise_a_rule_reward(cli, tiny_models, prompts, tmp_path,
     rewards = [r["reward"] for r in _rows(out) if "reward" in r]
     assert len(rewards) >= 10
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4, rewards
+
+
+def test_a_temperature_of_zero_is_refused_before_anything_loads(cli, tiny_model, prompts, tmp_path):
+    out = tmp_path / "t0"
+    code, _, err = cli(*_rl(tiny_model, prompts, out, "--temperature", 0, "--max_steps", 1))
+    assert code == 2 and "--temperature must be positive (rollouts are sampled), got 0.0" in err
+    assert not out.exists()

@@ -41,7 +41,8 @@ def _rollout() -> Rollout:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
-def test_packed_scores_and_gradients_equal_the_padded_ones(tiny_models, family):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_packed_scores_and_gradients_equal_the_padded_ones(tiny_models, family, temperature):
     r = _rollout()
     idx = torch.tensor([2, 0, 1])
     mask = r.mask[idx].bool()
@@ -49,7 +50,7 @@ def test_packed_scores_and_gradients_equal_the_padded_ones(tiny_models, family):
 
     def run(scorer, varlen):
         model = _policy(tiny_models[family])
-        scorer = Scorer(packed=scorer == "packed", varlen=varlen)
+        scorer = Scorer(packed=scorer == "packed", varlen=varlen, temperature=temperature)
         s = scorer.policy(model, r, idx, entropy=True)
         ((s.logp * weights + s.values * weights.flip(0)) * mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -91,7 +92,7 @@ def test_token_chunks_keep_order_and_the_budget():
 # ---------------------------------------------------------------------------------------------- a whole PPO step
 
 
-def _loop(model_dir: Path, packed: bool, reward, sampled_old: bool = True):
+def _loop(model_dir: Path, packed: bool, reward, sampled_old: bool = True, **settings):
     from tunestack.data.prompts import PromptEncoder
     from tunestack.data.templates import get_template, stop_token_ids
     from tunestack.rl.ppo import PPOLoop, PPOSettings
@@ -103,7 +104,7 @@ def _loop(model_dir: Path, packed: bool, reward, sampled_old: bool = True):
     template = get_template(None, tok)
     settings = PPOSettings(
         batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, learning_rate=1e-3, packed=packed,
-        packed_sampling=packed, sampled_old_scores=sampled_old,
+        packed_sampling=packed, sampled_old_scores=sampled_old, **settings,
     )  # fmt: skip
     loop = PPOLoop(
         model, tok, PromptEncoder(tok, template, 64), reward, stop_token_ids(template, tok), settings, Path(".")
@@ -135,11 +136,14 @@ def _prompts():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "glm4"])
-@pytest.mark.parametrize("packed_sampling", [False, True], ids=["plain-sampling", "packed-sampling"])
-def test_the_sampling_passes_scores_are_a_scoring_passes(tiny_models, family, packed_sampling):
+@pytest.mark.parametrize(
+    ("packed_sampling", "temperature"), [(False, 1.0), (True, 1.0), (True, 0.7)], ids=["plain", "packed", "packed-t0.7"]
+)
+def test_the_sampling_passes_scores_are_a_scoring_passes(tiny_models, family, packed_sampling, temperature):
     """The old policy's log-probs, entropies and values as the sampling passes computed them equal those of a
-    packed scoring pass over the sampled rows (0 after each row's stop)."""
-    loop = _loop(tiny_models[family], True, lambda prompts, completions, **kw: [0.0] * len(prompts))[0]
+    packed scoring pass over the sampled rows (0 after each row's stop), at the sampling temperature."""
+    reward = lambda prompts, completions, **kw: [0.0] * len(prompts)  # noqa: E731
+    loop = _loop(tiny_models[family], True, reward, temperature=temperature)[0]
     loop.s.packed_sampling = packed_sampling
     torch.manual_seed(3)
     r = loop.rollout(_prompts() * 2, score=True)

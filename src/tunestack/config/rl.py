@@ -66,7 +66,13 @@ class RLArguments:
     min_target_length: int = field(
         default=0, metadata={"help": "Accepted for compatibility; forcing a minimum length biases the KL."}
     )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of rollouts; PPO scores its samples (ratio, KL) under the same logits / "
+            "temperature, as TRL's trainers do."
+        },
+    )
     init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
     beta: float | None = field(
         default=None,
@@ -125,5 +131,7 @@ class RLArguments:
             out.append(f"--beta must not be negative, got {self.beta}")
         if self.batch_size % self.mini_batch_size:
             out.append("--batch_size must be a multiple of --mini_batch_size")
+        if not self.temperature > 0:
+            out.append(f"--temperature must be positive (rollouts are sampled), got {self.temperature}")
         out += hub_dataset_problem(self.dataset_name)
         return out

@@ -26,23 +26,29 @@ class ValueHead(nn.Module):
 
 
 def packed_logprobs(
-    lm: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor
+    lm: Any,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    scored: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed row ([1, N] ids, positions restarting per sequence) through the decoder of `lm` (adapters
     included), and the output layer only at the `scored` positions: ([4, n] log-prob of each target, entropy, mean
-    logit, top-1 hit; see packed_logps.chunked_logprobs), and the hidden states there ([n, hidden])."""
+    logit, top-1 hit, of logits / temperature; see packed_logps.chunked_logprobs), and the hidden states there
+    ([n, hidden])."""
     base = hf_model(lm)
     hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     hidden = hidden[0, scored]
-    return chunked_logprobs(hidden, targets, base.get_output_embeddings()), hidden
+    return chunked_logprobs(hidden, targets, base.get_output_embeddings(), temperature=temperature), hidden
 
 
 class PolicyWithValue(nn.Module):
     """Policy LM and value head sharing the trunk; one forward gives log-probs (or logits) and values.
 
     With `scored` and `targets` the input is one packed row and the output the statistics of the targets at the
-    scored positions and the values there (`packed_logprobs`); without, padded rows and their full logits and
-    values at every position."""
+    scored positions (under logits / temperature) and the values there (`packed_logprobs`); without, padded rows
+    and their full logits (not divided) and values at every position."""
 
     def __init__(self, policy: nn.Module, hidden_size: int):
         super().__init__()
@@ -62,9 +68,10 @@ class PolicyWithValue(nn.Module):
         scored: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         with_values: bool = True,
+        temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if scored is not None:
-            stats, hidden = packed_logprobs(self.policy, input_ids, position_ids, scored, targets)
+            stats, hidden = packed_logprobs(self.policy, input_ids, position_ids, scored, targets, temperature)
             return stats, (self.value_head(hidden) if with_values else None)
         # A model's own code may number positions itself (Baichuan's takes no position_ids); generation then did too.
         positions = {"position_ids": position_ids} if takes_argument(self.policy, "position_ids") else {}

@@ -126,7 +126,7 @@ class PPOLoop:
         self.roller = Roller(tokenizer, encode_prompt, reward_fn, stop_ids, settings, self.clock, synced)
         # ZeRO-3 partitions the output layer's weight outside the model's forward: packed scoring runs it there.
         packed = settings.packed and supports_trained_positions(model) and not self.zero3
-        self.scorer = Scorer(packed, settings.varlen_attention)
+        self.scorer = Scorer(packed, settings.varlen_attention, settings.temperature)
         # The policy that sampled a batch is its old policy: the log-probs, entropies and last hidden states its
         # sampling passes computed are the old scores, without a pass of their own, where they are the numbers
         # such a pass gives to float rounding: float32 weights without mixed precision, on the models packed

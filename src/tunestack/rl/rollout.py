@@ -34,8 +34,8 @@ class Rollout:
 @dataclass
 class SampledScores:
     """What the sampling passes computed of each response token, before any update: the policy's log-prob of it and
-    the entropy of its distribution (from the raw logits), and the last hidden state that predicted it (for a value
-    head). 0 after a row's stop token."""
+    the entropy of its distribution (of the logits divided by the sampling temperature, before any other
+    processing), and the last hidden state that predicted it (for a value head). 0 after a row's stop token."""
 
     logp: torch.Tensor  # [rows, response length]
     entropy: torch.Tensor  # [rows, response length]
@@ -48,9 +48,10 @@ class _ScoreRecorder:
     A step whose input is not one sampled token (a prompt fed as embeddings, an extra pass) spoils the record:
     `scores` is then None."""
 
-    def __init__(self, policy: Any):
+    def __init__(self, policy: Any, temperature: float):
         model = hf_model(policy)
         self.model = model
+        self.temperature = temperature
         self.logp: list[torch.Tensor] = []
         self.entropy: list[torch.Tensor] = []
         self.hidden: list[torch.Tensor] = []
@@ -73,7 +74,7 @@ class _ScoreRecorder:
                 return
             self.inputs.append(ids[:, 0])
             self.logp.append(self.previous.gather(1, ids).squeeze(1))
-        log_probs = output.logits[:, -1].float().log_softmax(-1)
+        log_probs = (output.logits[:, -1].float() / self.temperature).log_softmax(-1)
         self.entropy.append(-(log_probs.exp() * log_probs).sum(-1))
         self.previous = log_probs
 
@@ -173,7 +174,9 @@ class Roller:
         policy.eval()
         config = self._generation_config(policy, greedy)
         with self.clock("generation"), packed_linears(policy, self.s.packed_sampling), _without_model_defaults(policy):
-            recorder = _ScoreRecorder(policy) if score and not self.synced_gpus else None
+            recorder = (
+                _ScoreRecorder(policy, self.s.temperature) if score and not greedy and not self.synced_gpus else None
+            )
             try:
                 generated = policy.generate(
                     input_ids=prompt_ids,

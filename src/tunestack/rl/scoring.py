@@ -88,11 +88,13 @@ def token_chunks(r: Rollout, idx: torch.Tensor, budget: int = TOKENS_PER_PASS) -
 
 
 class Scorer:
-    """Scores of response tokens under the policy (with values) or any causal LM (log-probs)."""
+    """Scores of response tokens under the policy (with values) or any causal LM (log-probs), of the distribution
+    the rollouts sample: the logits divided by the sampling temperature (as TRL's trainers score them)."""
 
-    def __init__(self, packed: bool, varlen: bool):
+    def __init__(self, packed: bool, varlen: bool, temperature: float = 1.0):
         self.packed = packed
         self.varlen = varlen
+        self.temperature = temperature
 
     def _attention(self, model: Any) -> Any:
         return varlen_attention(model) if self.varlen else contextlib.nullcontext()
@@ -106,10 +108,15 @@ class Scorer:
         if rows is None:
             ids, att, pos = r.input_ids[idx], r.attention_mask[idx], r.position_ids[idx]
             logits, values = model(ids, pos, attention_mask=att, with_values=with_values)
-            return _padded_scores(r, ids, logits, values, entropy)
+            return _padded_scores(r, ids, logits / self.temperature, values, entropy)
         with self._attention(model):
             stats, values = model(
-                rows.input_ids, rows.position_ids, scored=rows.scored, targets=rows.targets, with_values=with_values
+                rows.input_ids,
+                rows.position_ids,
+                scored=rows.scored,
+                targets=rows.targets,
+                with_values=with_values,
+                temperature=self.temperature,
             )
         values = rows.spread(values) if values is not None else None
         return Scores(rows.spread(stats[0]), values, rows.spread(stats[1].detach()))
@@ -122,9 +129,11 @@ class Scorer:
             # A model's own code may number positions itself (Baichuan's takes no position_ids).
             positions = {"position_ids": pos} if takes_argument(lm, "position_ids") else {}
             logits = lm(input_ids=ids, attention_mask=att, use_cache=False, **positions).logits
-            return _padded_scores(r, ids, logits, None, False).logp
+            return _padded_scores(r, ids, logits / self.temperature, None, False).logp
         with self._attention(lm):
-            stats, _ = packed_logprobs(lm, rows.input_ids, rows.position_ids, rows.scored, rows.targets)
+            stats, _ = packed_logprobs(
+                lm, rows.input_ids, rows.position_ids, rows.scored, rows.targets, self.temperature
+            )
         return rows.spread(stats[0])
 
 
