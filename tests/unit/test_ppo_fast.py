@@ -68,7 +68,9 @@ def test_packed_scores_and_gradients_equal_the_padded_ones(tiny_models, family, 
         assert not torch.allclose(ref[mask], got.logp[mask].detach(), atol=1e-3)  # the adapter was off
         assert set(grads) == set(plain_grads) and any("value_head" in n for n in grads)
         for name, grad in plain_grads.items():
-            assert torch.allclose(grads[name], grad, atol=1e-6, rtol=1e-4), name
+            # rounding at the scale of the whole gradient (elements near 0 of a large one round at its scale)
+            scale = float(grad.abs().max().clamp(min=1))
+            assert torch.allclose(grads[name], grad, atol=1e-6 * scale, rtol=1e-4), name
 
 
 def test_packing_refuses_a_scored_token_after_a_masked_one(tiny_model):
