@@ -162,6 +162,16 @@ def test_changed_data_file_reruns_that_stage_and_downstream_only(finished: Path,
     assert all(after[name] != before[name] for name in ("sft", "merged", "eval"))
 
 
+def _wait_for_group_to_end(group: int, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
 def test_killed_pipeline_resumes_the_interrupted_stage(tmp_path, tiny_model, pt_corpus, cli, monkeypatch) -> None:
     from tunestack.checkpoints import latest_complete_checkpoint
 
@@ -190,6 +200,7 @@ def test_killed_pipeline_resumes_the_interrupted_stage(tmp_path, tiny_model, pt_
             os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its stage process, as a machine crash would
         proc.wait()
         log.close()
+        _wait_for_group_to_end(proc.pid)  # the stage process, a grandchild, may still hold its run's lock a moment
     assert json.loads((sft_out / "run.json").read_text())["status"] == "running"  # killed mid-stage
     pt_mtime = (workdir / "out" / "pt" / "run.json").stat().st_mtime_ns
 

@@ -1,4 +1,5 @@
-"""PPO rollouts: prompts encoded with the training template, answers sampled from the policy, rewards scored."""
+"""PPO rollouts: prompts encoded with the training template, answers sampled from the policy's whole distribution,
+rewards scored; on request also the sampling passes' own scores of the answer tokens (SampledScores)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class _ScoreRecorder:
         self.hidden.append(batch_first(self.model, output[0])[:, -1].float())
 
     def _on_logits(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        if self.spoiled:
+            return
         if self.previous is not None:
             ids = kwargs.get("input_ids")
             if ids is None or ids.dim() != 2 or ids.shape[1] != 1:
