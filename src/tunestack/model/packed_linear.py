@@ -44,9 +44,14 @@ _PACK_ROWS = 8
 Key = tuple[Any, ...]  # what a packed copy was made from: each tensor's identity and version, LoRA scalings
 
 
+def _kernel() -> bool:
+    """Whether this torch build has oneDNN's packed linear kernel."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def available(model: nn.Module) -> bool:
     """Whether the packed kernel can serve this model: on a CPU with oneDNN."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not _kernel():
         return False
     param = next(model.parameters(), None)
     return param is not None and param.device.type == "cpu"
@@ -216,12 +221,12 @@ def frozen_linear(
     copy of the weight, kept between calls and made again when the weight changed. The output layer's matmuls in
     the scoring passes: 1.3-2.3x nn.Linear's at 128-512 rows (bench/README.md). Plain elsewhere."""
     if not _frozen_packable(x, weight):
-        return F.linear(x, weight, bias) if not transposed else x @ weight
+        return x @ weight if transposed else F.linear(x, weight, bias)
     slot, key = (id(weight), transposed), _tensor_key(weight)
     held = _FROZEN.pop(slot, None)  # popped and put back: the dict's order is the order of use
     if held is None or held[0] != key:
-        if weight.nbytes > _available_bytes() // 4:
-            return F.linear(x, weight, bias) if not transposed else x @ weight
+        if weight.nbytes > _available_bytes() // 4:  # no room for a copy
+            return x @ weight if transposed else F.linear(x, weight, bias)
         if held is None:
             weakref.finalize(weight, _FROZEN.pop, slot, None)  # the copy goes with its weight's model
         source = weight.detach().t() if transposed else weight.detach()
@@ -235,8 +240,7 @@ def frozen_linear(
 def _frozen_packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-        and _plain(weight) and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _plain(weight) and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _kernel()
     )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import torch
 
 from tunestack.model.anatomy import batch_first, untokenizable_ids
 from tunestack.model.packed_linear import packed_linears
-from tunestack.rl.ppo_core import response_mask
+from tunestack.rl.ppo_core import entropy_from_logprobs, response_mask
 from tunestack.timing import PhaseClock
 from tunestack.train.fast.efficient import hf_model
 
@@ -36,10 +36,10 @@ class Rollout:
 class SampledScores:
     """What the sampling passes computed of each response token, before any update: the policy's log-prob of it and
     the entropy of its distribution (of the logits divided by the sampling temperature, before any other
-    processing), and the last hidden state that predicted it (for a value head). 0 after a row's stop token."""
+    processing), and the last hidden state that predicted it (for a value head)."""
 
-    logp: torch.Tensor  # [rows, response length]
-    entropy: torch.Tensor  # [rows, response length]
+    logp: torch.Tensor  # [rows, response length], 0 after a row's stop token
+    entropy: torch.Tensor  # [rows, response length], 0 after a row's stop token
     hidden: torch.Tensor  # [rows, response length, hidden size]
 
 
@@ -78,7 +78,7 @@ class _ScoreRecorder:
             self.inputs.append(ids[:, 0])
             self.logp.append(self.previous.gather(1, ids).squeeze(1))
         log_probs = (output.logits[:, -1].float() / self.temperature).log_softmax(-1)
-        self.entropy.append(-(log_probs.exp() * log_probs).sum(-1))
+        self.entropy.append(entropy_from_logprobs(log_probs))
         self.previous = log_probs
 
     def remove(self) -> None:
@@ -95,7 +95,7 @@ class _ScoreRecorder:
         return SampledScores(
             torch.stack(self.logp, 1) * mask,
             torch.stack(self.entropy, 1) * mask,
-            torch.stack(self.hidden, 1) * mask[..., None],
+            torch.stack(self.hidden, 1),
         )
 
 
