@@ -13,9 +13,14 @@ prompt, 10 steps, seed 42, each in its own subprocess (peak RSS = its VmHWM), in
   (f) ppo-padded      the same with --padding_free false --packed_sampling false --old_logprobs_from_sampling false:
                       PPO as it was before its packed scoring passes, packed sampling and old-policy scores read off
                       the sampling passes (padded rows, rollouts on nn.Linear, a pass for the old scores)
+  (g) ppo-before      tunestack rl --algo ppo from an earlier source tree (--baseline_src): the code itself, with
+                      whatever else differed then (e.g. `git worktree add /tmp/ppo-before b13a4f3`, PPO as it was
+                      when its speed-up was asked for; it sampled with SmolLM2's top_k 50 / top_p 0.9, a bug fixed
+                      since, so its samples, and with them the step-1 reward, differ from e's)
 
     python bench/rl_throughput.py                      # 10 steps, a b c d e, one round
     python bench/rl_throughput.py --systems ef         # PPO packed against padded
+    python bench/rl_throughput.py --systems eg --baseline_src /tmp/ppo-before   # PPO against an earlier tunestack
     python bench/rl_throughput.py --steps 2 --systems ab   # a quick check
 
 Not a test: numbers depend on the machine; compare ratios from one run.
@@ -44,10 +49,16 @@ SYSTEMS = {
     "d": ("tunestack-rloo", "tunestack rl --algo rloo"),
     "e": ("tunestack-ppo", "tunestack rl --algo ppo"),
     "f": ("ppo-padded", "tunestack rl --algo ppo, as before (padded, plain sampling)"),
+    "g": ("ppo-before", "tunestack rl --algo ppo of --baseline_src"),
 }
 # (baseline, ours, the speed-up targeted)
-PAIRS = (("trl-grpo", "tunestack-grpo", 1.5), ("trl-rloo", "tunestack-rloo", 1.5), ("ppo-padded", "tunestack-ppo", 1.4))
-PPO_KINDS = ("tunestack-ppo", "ppo-padded")
+PAIRS = (
+    ("trl-grpo", "tunestack-grpo", 1.5),
+    ("trl-rloo", "tunestack-rloo", 1.5),
+    ("ppo-padded", "tunestack-ppo", 1.4),
+    ("ppo-before", "tunestack-ppo", 1.4),
+)
+PPO_KINDS = ("tunestack-ppo", "ppo-padded", "ppo-before")
 LEARNING_RATE = 1e-5
 BETA = 0.2  # tunestack's --init_kl_coef default; TRL's GRPO default is 0 (no reference pass), RLOO's 0.05
 TRAIN_SEED = 42
@@ -228,9 +239,15 @@ def child_tunestack_rloo(spec: dict[str, Any]) -> dict[str, Any]:
     return _tunestack_trl(spec, "rloo")
 
 
-def _tunestack_ppo(spec: dict[str, Any], *extra: str) -> dict[str, Any]:
-    """tunestack rl --algo ppo: one completion per prompt, batch = the other systems' completions per step."""
-    import tunestack.cli  # noqa: F401  (see _tunestack_trl)
+def _tunestack_ppo(spec: dict[str, Any], *extra: str, src: str | None = None) -> dict[str, Any]:
+    """tunestack rl --algo ppo (of the source tree `src` if given): one completion per prompt, batch = the other
+    systems' completions per step."""
+    if src is not None:
+        sys.path.insert(0, str(Path(src) / "src"))
+    import tunestack.cli  # (see _tunestack_trl)
+
+    if src is not None and not Path(tunestack.cli.__file__).is_relative_to(Path(src).resolve()):
+        raise RuntimeError(f"tunestack was imported from {tunestack.cli.__file__}, not from {src}")
 
     rss_start = common.vmrss_mb()
     batch = spec["generations"] * spec["prompts_per_step"]
@@ -267,6 +284,10 @@ def child_ppo_padded(spec: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def child_ppo_before(spec: dict[str, Any]) -> dict[str, Any]:
+    return _tunestack_ppo(spec, src=spec["baseline_src"])
+
+
 CHILDREN = {
     "trl-grpo": child_trl_grpo,
     "tunestack-grpo": child_tunestack_grpo,
@@ -274,6 +295,7 @@ CHILDREN = {
     "tunestack-rloo": child_tunestack_rloo,
     "tunestack-ppo": child_tunestack_ppo,
     "ppo-padded": child_ppo_padded,
+    "ppo-before": child_ppo_before,
 }
 
 
@@ -346,6 +368,7 @@ def run_bench(args: argparse.Namespace, model: str, work: Path) -> list[dict[str
         "ppo_epochs": args.ppo_epochs,
         "dtype": dtype,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        "baseline_src": args.baseline_src,
         **prepare_prompts(model, work),
     }
     if any(k in kinds for k in PPO_KINDS):
@@ -420,7 +443,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per system (order alternates each round)")
-    parser.add_argument("--systems", default="abcde", help="which of a b c d e f to run (default abcde)")
+    parser.add_argument("--systems", default="abcde", help="which of a b c d e f g to run (default abcde)")
     parser.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO, RLOO)")
     parser.add_argument("--prompts_per_step", type=int, default=2, help="prompts per step (PPO: x generations)")
     parser.add_argument("--completion_length", type=int, default=64, help="most tokens generated per completion")
@@ -429,11 +452,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--trl_gradient_checkpointing", action="store_true",
                         help="keep TRL's default gradient checkpointing (off by default, as in tunestack)")  # fmt: skip
+    parser.add_argument("--baseline_src", default=None, help="system g: an earlier tunestack source tree")
     parser.add_argument("--model", default=None, help="model folder (default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--workdir", default=None, help="scratch folder, kept (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write every run's numbers to this file")
     args = parser.parse_args()
     args.systems = [s for s in args.systems.replace(",", "") if s in SYSTEMS] or list(SYSTEMS)
+    if "g" in args.systems:
+        if not args.baseline_src or not (Path(args.baseline_src) / "src" / "tunestack").is_dir():
+            parser.error("system g needs --baseline_src: a tunestack source tree (with src/tunestack)")
+        args.baseline_src = str(Path(args.baseline_src).resolve())
 
     common.run_in_workdir(args, run_bench, "rl")
 
