@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from tunestack.model.anatomy import batch_first, untokenizable_ids
 from tunestack.model.packed_linear import packed_linears
 from tunestack.rl.ppo_core import entropy_from_logprobs, response_mask
+from tunestack.rl.sampler import CategoricalDraw
 from tunestack.timing import PhaseClock
 from tunestack.train.fast.efficient import hf_model
 
@@ -143,17 +145,15 @@ class Roller:
         self.clock = clock
         self.synced_gpus = synced_gpus  # ZeRO-3 on several processes: every one runs as many forward passes
 
-    def _generation_config(self, policy: Any, greedy: bool) -> Any:
+    def _generation_config(self, policy: Any) -> Any:
         from transformers import GenerationConfig
 
-        # top_k 0 and top_p 1 spelled out: transformers fills what a config leaves unset from its global defaults
-        # (top_k 50); the model's own defaults are kept out by `_without_model_defaults`.
+        # Sampling is greedy decoding over CategoricalDraw's one finite score (rl/sampler.py), so none of
+        # transformers' sampling warpers (top_k 50 by default) applies; the model's own generation defaults are kept
+        # out by `_without_model_defaults`.
         return GenerationConfig(
             max_new_tokens=self.s.max_new_tokens,
-            do_sample=not greedy,
-            temperature=self.s.temperature if not greedy else None,
-            top_k=0,
-            top_p=1.0,
+            do_sample=False,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=policy.generation_config.use_cache is not False,  # False for code predating the cache
@@ -175,7 +175,7 @@ class Roller:
             prompt_mask[i, width - len(ids) :] = 1
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         policy.eval()
-        config = self._generation_config(policy, greedy)
+        config = self._generation_config(policy)
         with self.clock("generation"), packed_linears(policy, self.s.packed_sampling), _without_model_defaults(policy):
             recorder = (
                 _ScoreRecorder(policy, self.s.temperature) if score and not greedy and not self.synced_gpus else None
@@ -185,6 +185,7 @@ class Roller:
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
                     generation_config=config,
+                    logits_processor=LogitsProcessorList([] if greedy else [CategoricalDraw(self.s.temperature)]),
                     synced_gpus=self.synced_gpus,
                 )
             finally:
