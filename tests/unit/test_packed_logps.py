@@ -105,3 +105,24 @@ def test_logits_logps_equal_trls_fused_head(tiny_models, lora):
     assert torch.allclose(got.loss, expected.loss, atol=1e-5)
     for name, grad in grads.items():
         assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunks_of_the_output_layer_give_the_values_and_gradients_of_one_pass(temperature):
+    """The output layer runs in chunks of rows (about 8 MB of logits each: 42 rows of SmolLM2's 49152); any
+    chunking gives what one chunk of every row gives."""
+    from tunestack.train.fast.packed_logps import chunked_logprobs, rows_per_chunk
+
+    assert rows_per_chunk(49152) == 42 and rows_per_chunk(151936) == 16
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(37, 24), torch.randint(0, 300, (37,))
+    results = []
+    for chunk in (37, 5, 1):
+        h = hidden.clone().requires_grad_(True)
+        values = chunked_logprobs(h, targets, head, chunk_size=chunk, temperature=temperature)
+        (values[0] * torch.linspace(-1, 2, 37)).sum().backward()
+        results.append((values.detach(), h.grad))
+    for values, grad in results[1:]:
+        torch.testing.assert_close(values, results[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-6)

@@ -99,15 +99,30 @@ class TargetLogProbs(torch.autograd.Function):
         return grad_hidden * grad_values[0, :, None].to(grad_hidden.dtype), None, None, None, None, None
 
 
+# A chunk's logits kept to about this many bytes. Each chunk allocates several tensors of that size; above a
+# few MB glibc maps every one afresh and hands it back when freed, and on a virtual machine that returns freed
+# memory to its host, touching fresh pages after a phase that freed much (a PPO rollout) cost kernel time: the
+# first 512-row scoring pass after a rollout spent 1.2-1.7 s in its output layer at 1024 rows a chunk against 0.2 s
+# at 32 (SmolLM2's 49152 entries: 6 MB), the same values (bench/README.md, the RL section).
+CHUNK_LOGITS_BYTES = 8 << 20
+
+
+def rows_per_chunk(vocab_size: int) -> int:
+    """Rows of logits per chunk: CHUNK_LOGITS_BYTES of float32, at least 16."""
+    return max(16, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+
+
 def chunked_logprobs(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     head: torch.nn.Module,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """[4, n]: log-probs of `targets` under logits / temperature (differentiable), entropy, mean logit, top-1
-    hit; head run in chunks."""
+    hit; head run in chunks of `chunk_size` rows (default: `rows_per_chunk` of the head's output size)."""
+    if chunk_size is None:
+        chunk_size = rows_per_chunk(head.weight.shape[0])
     frozen = not any(p.requires_grad for p in head.parameters())
     if frozen and plain_linear_head(head, hidden):
         return TargetLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_size, temperature)
