@@ -103,7 +103,7 @@ class TargetLogProbs(torch.autograd.Function):
 # few MB glibc maps every one afresh and hands it back when freed, and on a virtual machine that returns freed
 # memory to its host, touching fresh pages after a phase that freed much (a PPO rollout) cost kernel time: the
 # first 512-row scoring pass after a rollout spent 1.2-1.7 s in its output layer at 1024 rows a chunk against 0.2 s
-# at 32 (SmolLM2's 49152 entries: 6 MB), the same values (bench/README.md, the RL section).
+# at 32-64 (SmolLM2's 49152 entries: 6-12 MB), the same values (bench/README.md, the RL section).
 CHUNK_LOGITS_BYTES = 8 << 20
 
 
@@ -122,7 +122,9 @@ def chunked_logprobs(
     """[4, n]: log-probs of `targets` under logits / temperature (differentiable), entropy, mean logit, top-1
     hit; head run in chunks of `chunk_size` rows (default: `rows_per_chunk` of the head's output size)."""
     if chunk_size is None:
-        chunk_size = rows_per_chunk(head.weight.shape[0])
+        weight = getattr(head, "weight", None)  # a ZeRO-3 placeholder is 1-D and empty; a custom head may have none
+        whole = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > 0
+        chunk_size = rows_per_chunk(weight.shape[0]) if whole else 1024
     frozen = not any(p.requires_grad for p in head.parameters())
     if frozen and plain_linear_head(head, hidden):
         return TargetLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_size, temperature)
