@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 from tunestack.model.anatomy import batch_first, untokenizable_ids
 from tunestack.model.packed_linear import packed_linears
@@ -110,8 +110,6 @@ def _without_model_defaults(policy: Any) -> Iterator[None]:
     """`generate` without the model's own generation defaults. transformers takes every field a config leaves unset
     from the model's generation_config (SmolLM2's sets top_p 0.9); a rollout must sample the policy's whole
     distribution at the run's temperature, which the PPO ratio and its KL estimate assume, not a truncation of it."""
-    from transformers import GenerationConfig
-
     model = hf_model(policy)
     saved = model.generation_config
     model.generation_config = GenerationConfig()
@@ -146,8 +144,6 @@ class Roller:
         self.synced_gpus = synced_gpus  # ZeRO-3 on several processes: every one runs as many forward passes
 
     def _generation_config(self, policy: Any) -> Any:
-        from transformers import GenerationConfig
-
         # Sampling is greedy decoding over CategoricalDraw's one finite score (rl/sampler.py), so none of
         # transformers' sampling warpers (top_k 50 by default) applies; the model's own generation defaults are kept
         # out by `_without_model_defaults`.

@@ -27,7 +27,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device, generator=generator) * totals[:, -1:]
     # searchsorted(right=True): the first cumulative sum above u, so an entry (or block) of 0 mass is skipped.
     block = torch.searchsorted(totals, u, right=True).clamp_(max=totals.shape[1] - 1)
-    before = torch.where(block > 0, totals.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
+    before = F.pad(totals, (1, 0)).gather(1, block)  # the mass before the block
     inner = blocks.gather(1, block[..., None].expand(-1, -1, BLOCK)).squeeze(1)  # [rows, BLOCK]
     # What is left of u inside its block, kept below the block's float32 total so rounding cannot step past it.
     rest = torch.minimum((u - before).float(), torch.nextafter(inner[:, -1:], torch.zeros_like(inner[:, -1:])))
